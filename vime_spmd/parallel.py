@@ -1,0 +1,57 @@
+"""The world and how it is cut: training tensor/data parallel ranks and rollout engine groups.
+
+Training follows Megatron's rank order (tensor parallel fastest, then data parallel). Engines are contiguous
+blocks of `--rollout-num-gpus-per-engine` ranks. The two layouts are independent: a rank's training shard and
+its engine shard need not match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    tp_size: int
+    engine_size: int
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def num_engines(self) -> int:
+        return self.world_size // self.engine_size
+
+    @property
+    def engine_index(self) -> int:
+        return self.rank // self.engine_size
+
+    @property
+    def engine_rank(self) -> int:
+        return self.rank % self.engine_size
+
+    @property
+    def is_engine_leader(self) -> bool:
+        """One rank per engine speaks for it when results are gathered."""
+        return self.engine_rank == 0
+
+    def engine_slice(self, num_items: int) -> slice:
+        """The contiguous share of `num_items` (prompts) that this rank's engine generates."""
+        per_engine = num_items // self.num_engines
+        return slice(self.engine_index * per_engine, (self.engine_index + 1) * per_engine)
+
+    def dp_slice(self, num_items: int) -> slice:
+        """The contiguous share of `num_items` (samples of one optimizer step) that this rank trains on."""
+        per_rank = num_items // self.dp_size
+        return slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)

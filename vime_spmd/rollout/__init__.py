@@ -1,0 +1,1 @@
+"""Rollout engines. Only `rollout/engine.py` imports vllm."""

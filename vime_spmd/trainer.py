@@ -1,0 +1,79 @@
+"""Build the parts of a colocated RL run, run its steps, and close it in the one safe order."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .config import Config, dump, validate
+from .data import PromptDataset
+from .device import init_distributed, select_accelerator
+from .memory import MemoryManager
+from .metrics import MetricsLog, StepTimer
+from .parallel import Layout
+from .step import RLStep
+
+logger = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: Config) -> None:
+    """File checks that must fail before any work (model building, engine start)."""
+    ckpt = Path(cfg.model.hf_checkpoint)
+    if not ckpt.is_dir():
+        raise ValueError(f"--hf-checkpoint {ckpt}: no such directory; give an HF model folder "
+                         f"(make one with: python -m vime_spmd.tools.make_tiny_model {ckpt})")
+    if not (ckpt / "config.json").is_file():
+        raise ValueError(f"--hf-checkpoint {ckpt}: no config.json inside; is it an HF model folder?")
+    if cfg.model.ref_load and not Path(cfg.model.ref_load).is_dir():
+        raise ValueError(f"--ref-load {cfg.model.ref_load}: no such directory")
+
+
+def prepare(cfg: Config) -> PromptDataset:
+    """Everything that can reject the user's input, before any expensive work. Raises ValueError."""
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_inputs(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
+    return PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
+                         label_key=cfg.data.label_key, apply_chat_template=cfg.data.apply_chat_template,
+                         max_prompt_len=cfg.rollout.rollout_max_prompt_len, seed=cfg.train.seed)
+
+
+def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
+    """Run `--num-rollout` steps; returns the per-step records (also written to metrics.jsonl)."""
+    from transformers import AutoConfig
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    acc = select_accelerator(cfg.parallel.device)
+    init_distributed(acc)
+    torch.manual_seed(cfg.train.seed)
+    layout = Layout(rank=torch.distributed.get_rank(), world_size=world_size,
+                    tp_size=cfg.parallel.tensor_model_parallel_size,
+                    engine_size=cfg.parallel.rollout_num_gpus_per_engine)
+    log = MetricsLog(cfg.log.log_dir, enabled=layout.rank == 0)
+    if layout.rank == 0:
+        dump(cfg, Path(cfg.log.log_dir) / "config.json")
+
+    from .rollout.engine import RolloutEngine
+    from .train.megatron import MegatronActor
+
+    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
+    engine = RolloutEngine(cfg, acc, layout)
+    step = RLStep(cfg, layout, dataset, actor, engine, MemoryManager(acc, engine), lambda: StepTimer(acc))
+    records = []
+    try:
+        for i in range(1, cfg.train.num_rollout + 1):
+            record = step.run(i)
+            log.write(record)
+            records.append(record)
+    finally:
+        # Megatron's groups first, then the engine (its cleanup destroys the default group), then the rest.
+        actor.close()
+        engine.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return records
