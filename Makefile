@@ -26,8 +26,8 @@ demo: setup
 	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) run.py \
 		--hf-checkpoint $(DEMO_DIR)/model --prompt-data $(DEMO_DIR)/letters.jsonl --apply-chat-template \
 		--rm-type letter --advantage-estimator grpo \
-		--num-rollout 30 --rollout-batch-size 8 --n-samples-per-prompt 8 --rollout-max-response-len 16 \
-		--global-batch-size 64 --micro-batch-size 8 --lr 3e-3 --clip-grad 1.0 \
+		--num-rollout 40 --rollout-batch-size 8 --n-samples-per-prompt 8 --rollout-max-response-len 16 \
+		--micro-batch-size 8 --lr 1e-2 --clip-grad 1.0 \
 		--tensor-model-parallel-size 1 --rollout-num-gpus-per-engine 1 --log-dir $(DEMO_DIR)/run
 	$(PY) -m vime_spmd.tools.summarize $(DEMO_DIR)/run/metrics.jsonl
 

@@ -73,10 +73,13 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    prompt_data: str = opt(None, "jsonl file of prompts", required=True)
+    prompt_data: str = opt(None, "jsonl or .parquet file of prompt records", required=True)
     input_key: str = opt("prompt", "record key of the prompt: a string or a list of chat messages")
     label_key: str = opt("label", "record key of the reference answer given to the reward")
-    apply_chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
+    metadata_key: str = opt("metadata", "record key of an object passed to custom rewards as metadata (optional)")
+    apply_chat_template: bool = opt(False, "render string prompts with the tokenizer's chat template too "
+                                           "(a list of chat messages is always rendered with it)")
+    skip_bad_records: bool = opt(False, "skip and count malformed records instead of stopping at the first")
     rm_type: str = opt("math", "rule-based reward: math, dapo, deepscaler or letter (the demo task)")
 
 

@@ -39,8 +39,10 @@ def prepare(cfg: Config) -> PromptDataset:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
     return PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
-                         label_key=cfg.data.label_key, apply_chat_template=cfg.data.apply_chat_template,
-                         max_prompt_len=cfg.rollout.rollout_max_prompt_len, seed=cfg.train.seed)
+                         label_key=cfg.data.label_key, metadata_key=cfg.data.metadata_key,
+                         apply_chat_template=cfg.data.apply_chat_template,
+                         max_prompt_len=cfg.rollout.rollout_max_prompt_len, seed=cfg.train.seed,
+                         skip_bad_records=cfg.data.skip_bad_records)
 
 
 def train(cfg: Config, dataset: PromptDataset) -> list[dict]:

@@ -12,9 +12,12 @@ import argparse
 import json
 from pathlib import Path
 
-LETTERS = "aeiou"
+# Two letters: the policy first learns to write one of them (the reward plateaus near 0.5), then to read the
+# prompt and write the one asked for (the reward reaches ~1).
+LETTERS = "ao"
 TEMPLATES = ("Write the letter {c} many times.", "Say {c} again and again.", "Repeat the letter {c}.",
-             "Answer with the letter {c} only.")
+             "Answer with the letter {c} only.", "Give me a long row of {c}.", "Type {c} until you stop.",
+             "Only the letter {c}, please.", "Fill the line with {c}.")
 
 
 def demo_records() -> list[dict]:
