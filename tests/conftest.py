@@ -62,3 +62,15 @@ def run_ranks(nproc: int, script: str | Path, *args: str, timeout_s: int = 600) 
 
 def read_metrics(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_qwen2(tmp_path_factory) -> Path:
+    # vLLM's Qwen2 derives head_dim from hidden_size / heads: 128 / 4 = 32.
+    return make_model(tmp_path_factory.mktemp("tiny_qwen2") / "model", "--family", "qwen2", "--hidden-size", "128",
+                      "--seed", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_llama(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny_llama") / "model", "--family", "llama", "--seed", "3")

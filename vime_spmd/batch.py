@@ -17,7 +17,8 @@ class Sample:
     label: str = ""
     response_text: str = ""
     truncated: bool = False  # stopped by --rollout-max-response-len rather than by end-of-sequence
-    reward: float = 0.0
+    reward: float = 0.0  # what the advantages see: the rule's score plus shaping (e.g. overlong penalty)
+    raw_reward: float = 0.0  # the rule's score alone
     metadata: dict = field(default_factory=dict)
 
     @property
@@ -32,6 +33,7 @@ class RolloutBatch:
     samples: list[Sample]
     group_size: int
     num_reward_failures: int = 0
+    num_dropped_groups: int = 0  # groups generated but filtered out by dynamic sampling
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -63,13 +65,15 @@ class TrainInputs:
     """What one data-parallel rank trains on in one rollout step; every tensor is [N, R] over its samples."""
 
     samples: list[Sample]
+    batch_rows: list[int]  # where this rank's samples sit in the rollout batch
     response_mask: torch.Tensor
-    advantages: torch.Tensor
     rollout_logprobs: torch.Tensor
+    advantages: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
     def rows(self, index: slice) -> "TrainInputs":
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return TrainInputs(self.samples[index], self.response_mask[index], self.advantages[index],
-                           self.rollout_logprobs[index], pick(self.old_logprobs), pick(self.ref_logprobs))
+        return TrainInputs(self.samples[index], self.batch_rows[index], self.response_mask[index],
+                           self.rollout_logprobs[index],
+                           pick(self.advantages), pick(self.old_logprobs), pick(self.ref_logprobs))

@@ -31,6 +31,7 @@ class ParallelConfig:
     device: str = opt("auto", "accelerator: auto, cpu, cuda or npu", choices=["auto", "cpu", "cuda", "npu"])
     tensor_model_parallel_size: int = opt(1, "training tensor-parallel size")
     pipeline_model_parallel_size: int = opt(1, "training pipeline-parallel size (1 for now)")
+    make_vocab_size_divisible_by: int = opt(1, "pad the Megatron vocabulary to a multiple of this (times the TP size)")
     rollout_num_gpus_per_engine: int = opt(1, "ranks per vLLM engine (the engine's tensor-parallel size)")
     colocate: bool = opt(True, "training and rollout share the same devices (the only mode)")
 
@@ -43,6 +44,13 @@ class RolloutConfig:
     rollout_top_p: float = opt(1.0, "nucleus sampling threshold")
     rollout_max_response_len: int = opt(64, "most tokens generated per response")
     rollout_max_prompt_len: int = opt(256, "longest prompt in tokens; sets the engine's max_model_len with the above")
+    over_sampling_batch_size: int | None = opt(None, "prompts generated per round when dynamic sampling "
+                                                     "filters groups (default: --rollout-batch-size)")
+    dynamic_sampling_filter_path: str | None = opt(None, "DAPO dynamic sampling: keep a group when fn(rewards) is "
+                                                         "true, e.g. check_reward_nonzero_std or module.function")
+    overlong_buffer_len: int = opt(0, "DAPO overlong penalty: the last tokens before --rollout-max-response-len "
+                                      "over which the penalty grows (0: off)")
+    overlong_penalty_factor: float = opt(1.0, "DAPO overlong penalty at --rollout-max-response-len")
     vllm_kv_cache_bytes: int = opt(256 << 20, "KV-cache size per engine rank on CPU, in bytes")
     vllm_gpu_memory_utilization: float = opt(0.5, "fraction of device memory for vLLM on accelerators")
 
@@ -55,9 +63,16 @@ class AlgorithmConfig:
     disable_grpo_std_normalization: bool = opt(False, "GRPO without dividing by the group std (Dr.GRPO)")
     eps_clip: float = opt(0.2, "PPO clip range (lower, and upper unless --eps-clip-high)")
     eps_clip_high: float | None = opt(None, "PPO upper clip range (DAPO clip-higher)")
+    eps_clip_c: float | None = opt(None, "dual-clip bound (> 1) for negative advantages")
+    use_tis: bool = opt(False, "truncated importance sampling between rollout and trainer logprobs")
+    tis_clip: float = opt(2.0, "upper bound of the truncated importance weight")
+    tis_clip_low: float = opt(0.0, "lower bound of the truncated importance weight")
     use_kl_loss: bool = opt(False, "add a KL(actor || reference) term to the loss")
     kl_loss_coef: float = opt(0.0, "weight of the KL loss")
-    kl_loss_type: str = opt("low_var_kl", "KL estimator", choices=["k1", "k2", "k3", "low_var_kl"])
+    kl_loss_type: str = opt("low_var_kl", "KL estimator (for the loss and the reward penalty)",
+                            choices=["k1", "k2", "k3", "low_var_kl"])
+    kl_coef: float = opt(0.0, "KL(actor || reference) as a reward penalty: per token for reinforce_plus_plus, "
+                              "summed over the response for the other estimators")
     entropy_coef: float = opt(0.0, "weight of the entropy bonus (subtracted from the loss)")
     calculate_per_token_loss: bool = opt(True, "average the loss over tokens (else over sequences)")
 
@@ -80,7 +95,11 @@ class DataConfig:
     apply_chat_template: bool = opt(False, "render string prompts with the tokenizer's chat template too "
                                            "(a list of chat messages is always rendered with it)")
     skip_bad_records: bool = opt(False, "skip and count malformed records instead of stopping at the first")
-    rm_type: str = opt("math", "rule-based reward: math, dapo, deepscaler or letter (the demo task)")
+    rm_type: str | None = opt(None, "rule-based reward: math (default), dapo, deepscaler, or letter (the demo "
+                                    "task); custom when --custom-rm-path is given")
+    custom_rm_path: str | None = opt(None, "a reward function fn(response, label, metadata) -> float (sync or "
+                                           "async), as package.module.function or path/to/file.py:function")
+    reward_timeout_s: float = opt(10.0, "a reward slower than this scores 0 and counts as a failure")
 
 
 @dataclass
@@ -200,6 +219,32 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ValueError(f"--rollout-temperature {r.rollout_temperature}: must be > 0 (logprobs need sampling)")
     if cfg.algorithm.use_kl_loss and cfg.algorithm.kl_loss_coef <= 0:
         raise ValueError("--use-kl-loss needs --kl-loss-coef > 0")
+    a = cfg.algorithm
+    if a.eps_clip_c is not None and a.eps_clip_c <= 1:
+        raise ValueError(f"--eps-clip-c {a.eps_clip_c}: the dual-clip bound must be > 1 (3.0 is usual)")
+    if a.use_tis and not 0 <= a.tis_clip_low < a.tis_clip:
+        raise ValueError(f"--tis-clip-low {a.tis_clip_low} / --tis-clip {a.tis_clip}: need 0 <= low < high")
+    if a.kl_coef < 0:
+        raise ValueError(f"--kl-coef {a.kl_coef}: must be >= 0")
+    if a.advantage_estimator == "rloo" and r.n_samples_per_prompt < 2:
+        raise ValueError("--advantage-estimator rloo needs --n-samples-per-prompt >= 2 (a leave-one-out baseline)")
+    d = cfg.data
+    if d.custom_rm_path and d.rm_type not in (None, "custom"):
+        raise ValueError(f"--rm-type {d.rm_type} and --custom-rm-path both name a reward; keep one")
+    if d.rm_type == "custom" and not d.custom_rm_path:
+        raise ValueError("--rm-type custom needs --custom-rm-path package.module.function")
+    d.rm_type = "custom" if d.custom_rm_path else d.rm_type or "math"
+    if d.reward_timeout_s <= 0:
+        raise ValueError(f"--reward-timeout-s {d.reward_timeout_s}: must be > 0")
+    oversample = r.over_sampling_batch_size
+    if oversample is not None and r.dynamic_sampling_filter_path is None:
+        raise ValueError("--over-sampling-batch-size only applies with --dynamic-sampling-filter-path; add one")
+    if oversample is not None and (oversample < 1 or oversample % num_engines):
+        raise ValueError(f"--over-sampling-batch-size {oversample}: must be a positive multiple of the "
+                         f"{num_engines} engines")
+    if not 0 <= r.overlong_buffer_len < r.rollout_max_response_len:
+        raise ValueError(f"--overlong-buffer-len {r.overlong_buffer_len}: must be in [0, "
+                         f"--rollout-max-response-len {r.rollout_max_response_len})")
 
 
 def dump(cfg: Config, path: Path) -> None:

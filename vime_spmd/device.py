@@ -102,3 +102,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def memory_info(acc: Accelerator) -> tuple[int, int]:
+    """(free, total) device memory in bytes as the driver sees it (every process on the device); (0, 0) on CPU."""
+    if acc.kind == "cuda":
+        return torch.cuda.mem_get_info(acc.local_rank)
+    if acc.kind == "npu":
+        return torch.npu.mem_get_info(acc.local_rank)  # type: ignore[attr-defined]
+    return 0, 0
+
+
+def empty_cache(acc: Accelerator) -> None:
+    """Give the caching allocator's unused blocks back to the device, so that the other owner can map them."""
+    if acc.kind == "cuda":
+        torch.cuda.empty_cache()
+    elif acc.kind == "npu":
+        torch.npu.empty_cache()  # type: ignore[attr-defined]

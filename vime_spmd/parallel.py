@@ -55,3 +55,11 @@ class Layout:
         """The contiguous share of `num_items` (samples of one optimizer step) that this rank trains on."""
         per_rank = num_items // self.dp_size
         return slice(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+
+    def train_rows(self, batch_size: int, global_batch_size: int, dp_rank: int | None = None) -> list[int]:
+        """Rows of a rollout batch that a data-parallel rank (default: this one) trains on: its share of every
+        optimizer step's `global_batch_size` samples, step after step."""
+        dp_rank = self.dp_rank if dp_rank is None else dp_rank
+        per_rank = global_batch_size // self.dp_size
+        return [start + dp_rank * per_rank + i
+                for start in range(0, batch_size, global_batch_size) for i in range(per_rank)]

@@ -13,15 +13,21 @@ from __future__ import annotations
 import statistics
 
 import torch
+import torch.nn.functional as F
 
-from .algorithms import compute_advantages
+from .algorithms import compute_advantages, kl_penalty
+from .algorithms.shaping import overlong_penalty
 from .batch import RolloutBatch, Sample, TrainInputs
 from .config import Config
 from .data import PromptDataset
 from .memory import MemoryManager
 from .metrics import StepTimer
 from .parallel import Layout
-from .rewards import score_batch
+from .rewards import load_custom_reward, score_batch
+from .rollout.filters import keep_groups, load_filter
+
+TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus",)  # take the KL penalty per token, not summed into the reward
+MAX_PROMPTS_PER_STEP_FACTOR = 10  # dynamic sampling gives up after this many rollout batches in one step
 
 
 class RLStep:
@@ -30,6 +36,9 @@ class RLStep:
         self.cfg, self.layout, self.dataset = cfg, layout, dataset
         self.actor, self.engine, self.memory = actor, engine, memory
         self.new_timer = timer_factory
+        d, r = cfg.data, cfg.rollout
+        self.custom_reward = load_custom_reward(d.custom_rm_path) if d.custom_rm_path else None
+        self.group_filter = load_filter(r.dynamic_sampling_filter_path) if r.dynamic_sampling_filter_path else None
 
     def run(self, step: int) -> dict:
         timer: StepTimer = self.new_timer()
@@ -42,10 +51,10 @@ class RLStep:
                 self.memory.train_wake()
             inputs, step_slices = self.train_inputs(batch)
             with timer.span("perf/ref_logprobs_time"):
-                if self.cfg.algorithm.use_kl_loss:
-                    inputs.ref_logprobs = self.actor.compute_logprobs(inputs.samples, reference=True)
+                if self.actor.ref_model is not None:
+                    inputs.ref_logprobs = self.logprobs(inputs, reference=True)
             with timer.span("perf/actor_train_time"):
-                train_metrics = self.train(inputs, step_slices)
+                train_metrics = self.train(batch, inputs, step_slices)
             with timer.span("perf/sleep_time"):
                 self.memory.train_sleep()
             with timer.span("perf/wake_up_time"):
@@ -56,52 +65,104 @@ class RLStep:
                 self.memory.engine_wake_kv()
         return {"step": step, **timer.times, **rollout_metrics(batch), **train_metrics}
 
-    # ---- phases ----------------------------------------------------------------------------------------
+    # ---- rollout ---------------------------------------------------------------------------------------
 
     def rollout(self) -> RolloutBatch:
-        """Generate and score this engine's prompts, then gather every engine's samples on every rank."""
-        prompts = self.dataset.next_batch(self.cfg.rollout.rollout_batch_size)
+        """The step's samples: one round, or with dynamic sampling, rounds until enough groups are kept."""
+        r = self.cfg.rollout
+        if self.group_filter is None:
+            return self.generate_round(r.rollout_batch_size)
+        n, wanted = r.n_samples_per_prompt, r.rollout_batch_size
+        kept: list[Sample] = []
+        dropped = failures = prompts_used = 0
+        while len(kept) < wanted * n:
+            if prompts_used >= MAX_PROMPTS_PER_STEP_FACTOR * wanted:
+                raise RuntimeError(
+                    f"dynamic sampling kept {len(kept) // n} of {wanted} groups from {prompts_used} prompts: the "
+                    f"filter {r.dynamic_sampling_filter_path} drops almost every group; check the reward "
+                    f"(--rm-type) or relax the filter")
+            round_size = r.over_sampling_batch_size or wanted
+            part = self.generate_round(round_size)
+            prompts_used += round_size
+            keep = keep_groups([s.reward for s in part.samples], n, self.group_filter)
+            kept += [s for g in keep for s in part.samples[g * n : (g + 1) * n]]
+            dropped += round_size - len(keep)
+            failures += part.num_reward_failures
+        return RolloutBatch(kept[: wanted * n], n, num_reward_failures=failures, num_dropped_groups=dropped)
+
+    def generate_round(self, num_prompts: int) -> RolloutBatch:
+        """Generate and score this engine's share of `num_prompts` prompts, then gather every engine's samples
+        on every rank, in engine order."""
+        r, d = self.cfg.rollout, self.cfg.data
+        prompts = self.dataset.next_batch(num_prompts)
         mine = prompts[self.layout.engine_slice(len(prompts))]
         samples = self.engine.generate([p.prompt_ids for p in mine], [p.label for p in mine])
-        scores, failures = score_batch([s.response_text for s in samples], [s.label for s in samples],
-                                       self.cfg.data.rm_type)
-        for sample, reward in zip(samples, scores):
-            sample.reward = reward
+        for i, sample in enumerate(samples):
+            sample.metadata = mine[i // r.n_samples_per_prompt].metadata
+        scores, failures = score_batch([s.response_text for s in samples], [s.label for s in samples], d.rm_type,
+                                       metadata=[s.metadata for s in samples], custom_fn=self.custom_reward,
+                                       timeout_s=d.reward_timeout_s)
+        for sample, score in zip(samples, scores):
+            sample.raw_reward = score
+            sample.reward = score + overlong_penalty(len(sample.response_ids), r.rollout_max_response_len,
+                                                     r.overlong_buffer_len, r.overlong_penalty_factor)
         shared = (samples, failures) if self.layout.is_engine_leader else None
         gathered: list = [None] * self.layout.world_size
         torch.distributed.all_gather_object(gathered, shared)
-        parts = [g for g in gathered if g is not None]  # engine leaders, in engine order
-        all_samples: list[Sample] = [s for part, _ in parts for s in part]
-        return RolloutBatch(all_samples, self.cfg.rollout.n_samples_per_prompt,
+        parts = [g for g in gathered if g is not None]
+        return RolloutBatch([s for part, _ in parts for s in part], r.n_samples_per_prompt,
                             num_reward_failures=sum(f for _, f in parts))
 
+    # ---- training --------------------------------------------------------------------------------------
+
     def train_inputs(self, batch: RolloutBatch) -> tuple[TrainInputs, list[tuple[slice, float]]]:
-        """Advantages over the whole rollout; this rank's samples; and per optimizer step, the rows (of this
-        rank's samples) it trains on and the loss denominator over all data-parallel ranks."""
-        a = self.cfg.algorithm
+        """This rank's samples and, per optimizer step, the rows (of this rank's samples) it trains on and the
+        loss denominator: tokens (or sequences) of the optimizer step over all data-parallel ranks."""
+        per_token = self.cfg.algorithm.calculate_per_token_loss
         mask = batch.response_mask()
-        advantages = compute_advantages(a.advantage_estimator, batch.rewards(), batch.group_size, mask,
-                                        normalize_std=not a.disable_grpo_std_normalization)
         gbs = self.cfg.global_batch_size
-        rows, step_slices = [], []
-        for start in range(0, len(batch), gbs):
-            mine = self.layout.dp_slice(gbs)
-            picked = list(range(start + mine.start, start + mine.stop))
-            step_mask = mask[start : start + gbs]
-            denominator = step_mask.sum().item() if a.calculate_per_token_loss else float(gbs)
-            step_slices.append((slice(len(rows), len(rows) + len(picked)), denominator))
-            rows.extend(picked)
+        rows = self.layout.train_rows(len(batch), gbs)
+        per_step = gbs // self.layout.dp_size
+        step_slices = []
+        for k, start in enumerate(range(0, len(batch), gbs)):
+            denominator = mask[start : start + gbs].sum().item() if per_token else float(gbs)
+            step_slices.append((slice(k * per_step, (k + 1) * per_step), denominator))
         index = torch.tensor(rows)
-        inputs = TrainInputs(samples=[batch.samples[i] for i in rows], response_mask=mask[index],
-                             advantages=advantages[index], rollout_logprobs=batch.rollout_logprobs()[index])
+        inputs = TrainInputs(samples=[batch.samples[i] for i in rows], batch_rows=rows, response_mask=mask[index],
+                             rollout_logprobs=batch.rollout_logprobs()[index])
         return inputs, step_slices
 
-    def train(self, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict[str, float]:
-        inputs.old_logprobs = self.actor.compute_logprobs(inputs.samples)
-        width = inputs.old_logprobs.size(1)
-        mask = inputs.response_mask[:, :width]
-        abs_diff = ((inputs.old_logprobs - inputs.rollout_logprobs[:, :width]).abs() * mask).sum().item()
+    def logprobs(self, inputs: TrainInputs, reference: bool = False) -> torch.Tensor:
+        logp = self.actor.compute_logprobs(inputs.samples, reference=reference)
+        return F.pad(logp, (0, inputs.response_mask.size(1) - logp.size(1)))
+
+    def advantages(self, batch: RolloutBatch, inputs: TrainInputs) -> torch.Tensor:
+        """Advantages of this rank's rows, computed over the whole rollout (groups span data-parallel ranks)."""
+        a = self.cfg.algorithm
+        rewards, kl = batch.rewards(), None
+        if a.kl_coef > 0:
+            local = a.kl_coef * kl_penalty(inputs.old_logprobs, inputs.ref_logprobs, a.kl_loss_type)
+            kl = self.assemble_over_dp(local * inputs.response_mask, len(batch))
+            if a.advantage_estimator not in TOKEN_LEVEL_ESTIMATORS:
+                rewards, kl = rewards - kl.sum(dim=1), None
+        advantages = compute_advantages(a.advantage_estimator, rewards, batch.group_size, batch.response_mask(),
+                                        normalize_std=not a.disable_grpo_std_normalization, kl=kl)
+        return advantages[torch.tensor(inputs.batch_rows)]
+
+    def assemble_over_dp(self, local: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """[B, R] from every data-parallel rank's [N, R] rows (each rank computed only its own)."""
+        parts = self.actor.gather_over_dp(local)
+        full = torch.zeros(batch_size, local.size(1))
+        for dp_rank, part in enumerate(parts):
+            full[torch.tensor(self.layout.train_rows(batch_size, self.cfg.global_batch_size, dp_rank))] = part
+        return full
+
+    def train(self, batch: RolloutBatch, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict:
+        inputs.old_logprobs = self.logprobs(inputs)
+        mask = inputs.response_mask
+        abs_diff = ((inputs.old_logprobs - inputs.rollout_logprobs).abs() * mask).sum().item()
         totals = self.actor.sum_over_dp({"abs_diff": abs_diff, "tokens": mask.sum().item()})
+        inputs.advantages = self.advantages(batch, inputs)
         per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
         metrics = {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
         metrics["train/train_rollout_logprob_abs_diff"] = totals["abs_diff"] / max(totals["tokens"], 1.0)
@@ -110,12 +171,13 @@ class RLStep:
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    rewards = [s.reward for s in batch.samples]
     lengths = [len(s.response_ids) for s in batch.samples]
     return {
-        "rollout/raw_reward": statistics.fmean(rewards),
+        "rollout/raw_reward": statistics.fmean(s.raw_reward for s in batch.samples),
+        "rollout/reward": statistics.fmean(s.reward for s in batch.samples),
         "rollout/response_len": statistics.fmean(lengths),
         "rollout/truncated_ratio": statistics.fmean(float(s.truncated) for s in batch.samples),
         "rollout/reward_failures": float(batch.num_reward_failures),
+        "rollout/dynamic_sampling_dropped_groups": float(batch.num_dropped_groups),
         "rollout/num_samples": float(len(batch)),
     }

@@ -36,6 +36,15 @@ def test_every_sample_is_trained_exactly_once():
         assert covered == list(range(64))
 
 
+def test_train_rows_cover_every_optimizer_step_once():
+    ranks = layouts(4, tp=2, engine=1)  # data parallel 2
+    # 16 samples, optimizer steps of 8: DP rank 0 takes rows 0-3 of each step, DP rank 1 rows 4-7.
+    assert ranks[0].train_rows(16, 8) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert ranks[2].train_rows(16, 8) == [4, 5, 6, 7, 12, 13, 14, 15]
+    assert ranks[1].train_rows(16, 8) == ranks[0].train_rows(16, 8)  # TP peers train on the same rows
+    assert ranks[0].train_rows(16, 8, dp_rank=1) == ranks[2].train_rows(16, 8)
+
+
 @pytest.mark.parametrize("requested,cuda,npu,expected", [
     ("auto", False, False, "cpu"), ("auto", True, False, "cuda"), ("auto", True, True, "npu"),
     ("cpu", True, True, "cpu"), ("cuda", True, False, "cuda"), ("npu", False, True, "npu"),

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
-import importlib.util
 import inspect
 import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
+
+from vime_spmd.plugins import load_function
 
 RewardFn = Callable[[str, str, dict], "float | Awaitable[float]"]
 
@@ -36,40 +35,7 @@ MAX_CONCURRENT_CALLS = 32
 
 def load_custom_reward(path: str) -> RewardFn:
     """Resolve ``module.function`` or ``file.py:function`` to the callable."""
-    module_name, separator, function_name = (
-        path.rpartition(":") if ":" in path else path.rpartition(".")
-    )
-    if not separator or not module_name or not function_name:
-        raise ValueError(
-            f"--custom-rm-path={path!r} must look like 'package.module.function' "
-            "or 'path/to/file.py:function'."
-        )
-    try:
-        if separator == ":":
-            module = _import_file(Path(module_name))
-        else:
-            module = importlib.import_module(module_name)
-    except Exception as error:
-        raise ValueError(
-            f"--custom-rm-path={path!r}: cannot import {module_name!r} "
-            f"({type(error).__name__}: {error}); check the path and that it is importable."
-        ) from error
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ValueError(
-            f"--custom-rm-path={path!r}: {module_name!r} has no callable {function_name!r}."
-        )
-    return function
-
-
-def _import_file(file_path: Path) -> Any:
-    if file_path.suffix != ".py" or not file_path.is_file():
-        raise FileNotFoundError(f"no Python file at {file_path}")
-    spec = importlib.util.spec_from_file_location(f"vime_custom_rm_{file_path.stem}", file_path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_function(path, "--custom-rm-path")
 
 
 def as_reward(value: Any) -> float | None:

@@ -1,6 +1,7 @@
-"""Build a tiny random Qwen3 model and a locally trained byte-level BPE tokenizer, as an HF directory.
+"""Build a tiny random Qwen3, Qwen2 or Llama 3 model and a locally trained byte-level BPE tokenizer, as an HF dir.
 
     python -m vime_spmd.tools.make_tiny_model /tmp/tiny-qwen3 --num-layers 2 --seed 0
+    python -m vime_spmd.tools.make_tiny_model /tmp/tiny-qwen2 --family qwen2
 
 The directory loads in transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and in vLLM. It is the model of
 the demo and of the tests, and a smoke-test tool for users: no hub access is needed. The same arguments and
@@ -69,26 +70,42 @@ def build_tokenizer(vocab_size: int, seed: int):
     return fast
 
 
+# Llama 3.1-style RoPE: theta 500k with "llama3" frequency scaling (the values every Llama 3.x release uses).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def build_model(args: argparse.Namespace, vocab_size: int):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
-    config = Qwen3Config(
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
         num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_heads,
         num_key_value_heads=args.num_kv_heads,
-        head_dim=args.head_dim,
         max_position_embeddings=args.max_position_embeddings,
         tie_word_embeddings=args.tie_word_embeddings,
         rms_norm_eps=1e-6,
-        rope_theta=10000.0,
         torch_dtype="float32",
     )
+    if args.family == "qwen3":
+        config, cls = Qwen3Config(**common, head_dim=args.head_dim, rope_theta=10000.0), Qwen3ForCausalLM
+    elif args.family == "qwen2":  # head_dim is hidden_size / heads (checked in make_tiny_model)
+        config, cls = Qwen2Config(**common, rope_theta=10000.0), Qwen2ForCausalLM
+    else:
+        config, cls = LlamaConfig(**common, head_dim=args.head_dim, rope_parameters=dict(LLAMA3_ROPE)), LlamaForCausalLM
     torch.manual_seed(args.seed)
-    model = Qwen3ForCausalLM(config)
+    model = cls(config)
+    if args.family == "qwen2":
+        # transformers zero-initialises biases; random ones make the conversion tests see a misplaced bias.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(std=0.02)
     return model
 
 
@@ -96,6 +113,9 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if args.head_dim < 32:
         raise ValueError(f"--head-dim {args.head_dim}: vLLM's CPU attention needs head_dim >= 32; use 32 or more")
+    if args.family == "qwen2" and args.hidden_size != args.num_heads * args.head_dim:
+        raise ValueError(f"--family qwen2 derives head_dim from --hidden-size / --num-heads: set --hidden-size "
+                         f"{args.num_heads * args.head_dim} (or --head-dim {args.hidden_size // args.num_heads})")
     if args.num_heads % args.num_kv_heads:
         raise ValueError(f"--num-heads {args.num_heads} must be a multiple of --num-kv-heads {args.num_kv_heads}")
     tokenizer = build_tokenizer(args.vocab_size, args.seed)
@@ -108,6 +128,7 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
     model.config.pad_token_id = pad_id
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = pad_id
+    model.config.bos_token_id = None
     model.generation_config.bos_token_id = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -119,6 +140,8 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="output directory (created)")
+    p.add_argument("--family", choices=["qwen3", "qwen2", "llama"], default="qwen3",
+                   help="architecture: Qwen3 (q/k norms), Qwen2 (q/k/v biases), Llama 3 (llama3 RoPE scaling)")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-heads", type=int, default=4)
@@ -133,8 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    out = make_tiny_model(parse_args(argv))
-    print(f"tiny Qwen3 model written to {out}")
+    args = parse_args(argv)
+    out = make_tiny_model(args)
+    print(f"tiny {args.family} model written to {out}")
 
 
 if __name__ == "__main__":

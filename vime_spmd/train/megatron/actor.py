@@ -23,9 +23,9 @@ from ...algorithms import aggregate, kl_penalty, policy_loss
 from ...batch import Sample, TrainInputs
 from ...config import Config
 from ...device import Accelerator
-from . import qwen3
 from .cpu_patches import apply_cpu_patches
-from .model import ModelShape, build_gpt_model
+from .families import family_for
+from .model import build_gpt_model
 from .vocab_parallel import logprobs_and_entropy
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class MegatronActor:
             apply_cpu_patches()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
         model_parallel_cuda_manual_seed(cfg.train.seed, inference_rng_tracker=acc.kind == "cpu")
-        self.shape = ModelShape.from_hf(hf_config)
+        self.family = family_for(hf_config)
+        self.shape = self.family.shape_from_hf(hf_config, tp, cfg.parallel.make_vocab_size_divisible_by)
         self.dtype = torch.float32 if acc.kind == "cpu" else torch.bfloat16
         self.tp_rank, self.tp_size = parallel_state.get_tensor_model_parallel_rank(), tp
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -71,7 +72,7 @@ class MegatronActor:
                                     use_distributed_optimizer=False),
             [self.model],
         )
-        needs_ref = cfg.algorithm.use_kl_loss
+        needs_ref = cfg.algorithm.use_kl_loss or cfg.algorithm.kl_coef > 0
         self.ref_model = self._build(cfg.model.ref_load or cfg.model.hf_checkpoint) if needs_ref else None
         if self.ref_model is not None:
             self.ref_model.eval()
@@ -80,11 +81,12 @@ class MegatronActor:
     def _build(self, hf_path: str) -> torch.nn.Module:
         model = build_gpt_model(self.shape, self.tp_size, self.dtype, on_cpu=self.acc.kind == "cpu")
         model.to(self.acc.torch_device)
-        state = qwen3.to_megatron(load_hf_state_dict(hf_path), self.shape, self.tp_rank, self.tp_size)
+        state = self.family.to_megatron(load_hf_state_dict(hf_path), self.shape, self.tp_rank, self.tp_size)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name not in state:
-                    raise ValueError(f"{hf_path}: no weights for Megatron parameter {name}; is it a Qwen3 model?")
+                    raise ValueError(f"{hf_path}: no weights for Megatron parameter {name}; "
+                                     f"is it a {self.family.name} model?")
                 param.copy_(state.pop(name))
         if state:
             raise ValueError(f"{hf_path}: weights the model does not use: {sorted(state)[:5]}")
@@ -105,7 +107,8 @@ class MegatronActor:
         position_ids = torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens)
         causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
         logits = model(tokens, position_ids, causal.view(1, 1, seq_len, seq_len))
-        logp, entropy = logprobs_and_entropy(logits, labels, self.cfg.rollout.rollout_temperature, with_entropy)
+        logp, entropy = logprobs_and_entropy(logits, labels, self.cfg.rollout.rollout_temperature, with_entropy,
+                                             vocab_size=self.shape.vocab_size)
         # Token t+1 is predicted at position t: a response occupies positions [P-1, P-1+R).
         max_resp = max(len(s.response_ids) for s in samples)
         index = torch.zeros(len(samples), max_resp, dtype=torch.long, device=device)
@@ -149,9 +152,11 @@ class MegatronActor:
             width = logp.size(1)
             cut = lambda t: t[:, :width].to(device)  # noqa: E731
             mask = cut(mb.response_mask)
+            tis = dict(rollout_logprobs=cut(mb.rollout_logprobs), tis_clip=a.tis_clip,
+                       tis_clip_low=a.tis_clip_low) if a.use_tis else {}
             pg, pg_metrics = policy_loss(logp, cut(mb.old_logprobs), cut(mb.advantages), mask,
-                                         eps_clip=a.eps_clip, eps_clip_high=a.eps_clip_high,
-                                         sequence_level_ratio=a.advantage_estimator == "gspo")
+                                         eps_clip=a.eps_clip, eps_clip_high=a.eps_clip_high, eps_clip_c=a.eps_clip_c,
+                                         sequence_level_ratio=a.advantage_estimator == "gspo", **tis)
             pg_loss = aggregate(pg, mask, per_token, denominator)
             entropy_loss = aggregate(entropy, mask, per_token, denominator)
             loss = pg_loss - a.entropy_coef * entropy_loss
@@ -181,6 +186,13 @@ class MegatronActor:
         torch.distributed.all_reduce(t, group=self.dp_group)
         return dict(zip(keys, t.tolist()))
 
+    def gather_over_dp(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """Every data-parallel rank's tensor of the same shape, in data-parallel rank order (on the CPU)."""
+        local = local.to(self.acc.torch_device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(self.dp_group))]
+        torch.distributed.all_gather(parts, local, group=self.dp_group)
+        return [p.cpu() for p in parts]
+
     @torch.no_grad()
     def param_norm(self) -> float:
         """L2 norm of all parameters (TP shards counted once)."""
@@ -203,7 +215,7 @@ class MegatronActor:
                 torch.distributed.all_gather(shards, param.detach().contiguous(), group=group)
             else:
                 shards = [param.detach()]
-            yield from qwen3.to_hf(name, shards, self.shape)
+            yield from self.family.to_hf(name, shards, self.shape)
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()

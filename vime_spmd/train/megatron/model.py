@@ -1,6 +1,8 @@
-"""Building the Megatron model from an HF config: the one place that constructs a GPTModel.
+"""Building the Megatron model from a `ModelShape`: the one place that constructs a GPTModel.
 
 megatron-core 0.19 deprecates GPTModel in favour of HybridModel; keeping construction here lets it follow.
+A `ModelShape` comes from a family module (`families.family_for(hf_config).shape_from_hf(...)`), which reads the
+HF config and refuses what the GPTModel below cannot reproduce exactly.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from megatron.core.transformer import TransformerConfig
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the training backend needs from an HF config (Qwen3 family)."""
+    """What the training backend needs from an HF config: sizes, and the GPTModel options of the family."""
 
-    vocab_size: int
+    vocab_size: int  # the HF vocabulary (logits past it are padding)
+    padded_vocab_size: int  # Megatron's: vocab_size rounded up to a multiple of make_vocab_size_divisible_by * TP
     hidden_size: int
     ffn_hidden_size: int
     num_layers: int
@@ -29,35 +32,29 @@ class ModelShape:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-
-    @classmethod
-    def from_hf(cls, hf_config) -> "ModelShape":
-        rope = getattr(hf_config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        return cls(
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            ffn_hidden_size=hf_config.intermediate_size,
-            num_layers=hf_config.num_hidden_layers,
-            num_heads=hf_config.num_attention_heads,
-            num_kv_heads=hf_config.num_key_value_heads,
-            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
-            rms_norm_eps=hf_config.rms_norm_eps,
-            rope_theta=float(theta),
-            max_position_embeddings=hf_config.max_position_embeddings,
-            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
-        )
+    qk_layernorm: bool  # per-head RMSNorm of q and k (Qwen3)
+    add_qkv_bias: bool  # biases on q, k, v only (Qwen2)
+    rope_scaling_factor: float | None = None  # Llama 3.1-style ("llama3") frequency scaling, None when off
 
     def check_tp(self, tp: int) -> None:
         for what, n in (("key/value heads", self.num_kv_heads), ("attention heads", self.num_heads),
-                        ("vocabulary entries", self.vocab_size), ("MLP channels", self.ffn_hidden_size)):
+                        ("MLP channels", self.ffn_hidden_size)):
             if n % tp:
                 raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the model's {n} {what}; "
                                  f"choose a tensor-parallel size that divides it")
 
 
+def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int) -> int:
+    """Megatron-LM's rule: round up to a multiple of divisible_by * TP (every TP rank gets an equal slice)."""
+    if make_vocab_size_divisible_by < 1:
+        raise ValueError(f"--make-vocab-size-divisible-by {make_vocab_size_divisible_by}: must be 1 or more")
+    multiple = make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
 def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool) -> GPTModel:
     shape.check_tp(tp)
+    assert shape.padded_vocab_size % tp == 0 and shape.padded_vocab_size >= shape.vocab_size, shape
     config = TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -70,8 +67,8 @@ def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
-        qk_layernorm=True,
+        add_qkv_bias=shape.add_qkv_bias,
+        qk_layernorm=shape.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -88,15 +85,19 @@ def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool
         # Loss normalisation is ours (token or sequence mean over the global batch): DP sums gradients.
         calculate_per_token_loss=True,
     )
+    theta = shape.rope_theta
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
-        vocab_size=shape.vocab_size,
+        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=shape.qk_layernorm, normalization="RMSNorm"),
+        vocab_size=shape.padded_vocab_size,
         max_sequence_length=shape.max_position_embeddings,
         pre_process=True,
         post_process=True,
         parallel_output=True,
         share_embeddings_and_output_weights=shape.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(shape.rope_theta),
+        # Typed int in Megatron; a non-integral base still computes the same frequencies as transformers.
+        rotary_base=int(theta) if float(theta).is_integer() else theta,
+        rope_scaling=shape.rope_scaling_factor is not None,
+        rope_scaling_factor=shape.rope_scaling_factor or 8.0,
     )

@@ -1,0 +1,59 @@
+"""One layout of the weight-sync benchmark, run under torchrun by benchmarks/weight_sync.py."""
+
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from vime_spmd.config import parse_config
+from vime_spmd.device import init_distributed, select_accelerator
+from vime_spmd.parallel import Layout
+from vime_spmd.rollout.engine import RolloutEngine
+from vime_spmd.sync import sync_weights
+from vime_spmd.train.megatron import MegatronActor
+
+
+def main(model_dir: str, tp: int, engine_tp: int, repeats: int, buffer_bytes: int, out: str) -> None:
+    cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
+                        "--tensor-model-parallel-size", str(tp), "--rollout-num-gpus-per-engine", str(engine_tp),
+                        "--vllm-kv-cache-bytes", str(64 << 20)])
+    acc = select_accelerator("cpu")
+    init_distributed(acc)
+    from transformers import AutoConfig
+
+    layout = Layout(torch.distributed.get_rank(), torch.distributed.get_world_size(), tp, engine_tp)
+    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
+    engine = RolloutEngine(cfg, acc, layout)
+
+    def update() -> int:
+        return sync_weights(actor.hf_weights(), engine.load_weights, buffer_bytes).num_bytes
+
+    num_bytes = update()  # warm-up
+    update_s, floor_s = [], []
+    for _ in range(repeats):
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        update()
+        torch.distributed.barrier()
+        update_s.append(time.perf_counter() - start)
+        # The floor: copying the same tensors once into buffers that already exist.
+        tensors = [t.clone() for _, t in actor.hf_weights()]
+        targets = [torch.empty_like(t) for t in tensors]
+        start = time.perf_counter()
+        for src, dst in zip(tensors, targets):
+            dst.copy_(src)
+        floor_s.append(time.perf_counter() - start)
+    if layout.rank == 0:
+        result = {"train_tp": tp, "engine_tp": engine_tp, "bytes_per_rank": num_bytes,
+                  "update_weights_s": statistics.median(update_s), "copy_floor_s": statistics.median(floor_s)}
+        result["ratio"] = result["update_weights_s"] / result["copy_floor_s"]
+        with open(out, "w") as f:
+            json.dump(result, f)
+    actor.close()
+    engine.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
