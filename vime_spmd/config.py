@@ -30,10 +30,14 @@ class ModelConfig:
 class ParallelConfig:
     device: str = opt("auto", "accelerator: auto, cpu, cuda or npu", choices=["auto", "cpu", "cuda", "npu"])
     tensor_model_parallel_size: int = opt(1, "training tensor-parallel size")
-    pipeline_model_parallel_size: int = opt(1, "training pipeline-parallel size (1 for now)")
+    pipeline_model_parallel_size: int = opt(1, "training pipeline-parallel size (stages of layers): 1 or 2")
     make_vocab_size_divisible_by: int = opt(1, "pad the Megatron vocabulary to a multiple of this (times the TP size)")
     rollout_num_gpus_per_engine: int = opt(1, "ranks per vLLM engine (the engine's tensor-parallel size)")
     colocate: bool = opt(True, "training and rollout share the same devices (the only mode)")
+    weight_sync_transport: str = opt("auto", "how training shards reach the engines: shm (shared memory within a "
+                                             "node), collective (process groups), or auto",
+                                     choices=["auto", "shm", "collective"])
+    update_weight_buffer_size: int = opt(512 << 20, "bytes of weights handed to the engine per call during sync")
 
 
 @dataclass
@@ -53,6 +57,8 @@ class RolloutConfig:
     overlong_penalty_factor: float = opt(1.0, "DAPO overlong penalty at --rollout-max-response-len")
     vllm_kv_cache_bytes: int = opt(256 << 20, "KV-cache size per engine rank on CPU, in bytes")
     vllm_gpu_memory_utilization: float = opt(0.5, "fraction of device memory for vLLM on accelerators")
+    vllm_enable_sleep_mode: bool = opt(True, "start the engine with vLLM sleep mode on accelerators, so that it hands "
+                                             "its memory to the trainer (on by default: --colocate is the only mode)")
 
 
 @dataclass
@@ -108,6 +114,8 @@ class TrainConfig:
     global_batch_size: int | None = opt(None, "samples per optimizer step (default: the whole rollout)")
     micro_batch_size: int = opt(4, "samples per forward/backward pass on one rank")
     seed: int = opt(1234, "seed of sampling, data order and initialisation")
+    train_memory_margin_bytes: int = opt(1 << 30, "device memory kept free when the trainer resumes or allocates "
+                                                  "in its regions (accelerators); less stops the run with an error")
 
 
 @dataclass
@@ -177,6 +185,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
+PIPELINE_SIZES = (1, 2)  # pipeline stages the training backend is tested with
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need no file access: sizes, divisibility, and ranges. Raise ValueError naming the fix."""
     p, r, t = cfg.parallel, cfg.rollout, cfg.train
@@ -188,8 +199,9 @@ def validate(cfg: Config, world_size: int) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
-    if p.pipeline_model_parallel_size != 1:
-        raise ValueError("--pipeline-model-parallel-size: only 1 is supported so far; use tensor parallelism")
+    pp = p.pipeline_model_parallel_size
+    if pp not in PIPELINE_SIZES:
+        raise ValueError(f"--pipeline-model-parallel-size {pp}: choose one of {', '.join(map(str, PIPELINE_SIZES))}")
     if not p.colocate:
         raise ValueError("--no-colocate: vime-spmd always colocates training and rollout; drop the flag")
     tp = p.tensor_model_parallel_size
@@ -204,7 +216,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if r.rollout_batch_size % num_engines:
         raise ValueError(f"--rollout-batch-size {r.rollout_batch_size} is not divisible by the {num_engines} "
                          f"engines; use a multiple of {num_engines}")
-    dp = world_size // tp
+    if world_size % (tp * pp):
+        raise ValueError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} does not divide "
+                         f"the world of {world_size} ranks; choose sizes whose product divides {world_size}")
+    dp = world_size // (tp * pp)
     total = cfg.num_samples_per_rollout
     gbs = cfg.global_batch_size
     if total % gbs:

@@ -1,8 +1,10 @@
-"""The world and how it is cut: training tensor/data parallel ranks and rollout engine groups.
+"""The world and how it is cut: training tensor/pipeline/data parallel ranks and rollout engine groups.
 
-Training follows Megatron's rank order (tensor parallel fastest, then data parallel). Engines are contiguous
-blocks of `--rollout-num-gpus-per-engine` ranks. The two layouts are independent: a rank's training shard and
-its engine shard need not match.
+Training follows Megatron's rank order tp-cp-ep-dp-pp: tensor parallel fastest, then data parallel, pipeline
+stages slowest (rank = tp_rank + tp * (dp_rank + dp * pp_rank)). The ranks of one pipeline (same tp and dp rank,
+every stage) train on the same samples. Engines are contiguous blocks of `--rollout-num-gpus-per-engine` ranks.
+The two layouts are independent: a rank's training shard and its engine shard need not match (every engine rank
+holds all layers).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ class Layout:
     world_size: int
     tp_size: int
     engine_size: int
+    pp_size: int = 1
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // self.tp_size
+        return self.world_size // (self.tp_size * self.pp_size)
 
     @property
     def tp_rank(self) -> int:
@@ -27,7 +30,11 @@ class Layout:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp_size
+        return self.rank // self.tp_size % self.dp_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp_size * self.dp_size)
 
     @property
     def num_engines(self) -> int:

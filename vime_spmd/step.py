@@ -25,6 +25,7 @@ from .metrics import StepTimer
 from .parallel import Layout
 from .rewards import load_custom_reward, score_batch
 from .rollout.filters import keep_groups, load_filter
+from .sync import WeightSync
 
 TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus",)  # take the KL penalty per token, not summed into the reward
 MAX_PROMPTS_PER_STEP_FACTOR = 10  # dynamic sampling gives up after this many rollout batches in one step
@@ -32,9 +33,9 @@ MAX_PROMPTS_PER_STEP_FACTOR = 10  # dynamic sampling gives up after this many ro
 
 class RLStep:
     def __init__(self, cfg: Config, layout: Layout, dataset: PromptDataset, actor, engine,
-                 memory: MemoryManager, timer_factory) -> None:
+                 memory: MemoryManager, sync: WeightSync, timer_factory) -> None:
         self.cfg, self.layout, self.dataset = cfg, layout, dataset
-        self.actor, self.engine, self.memory = actor, engine, memory
+        self.actor, self.engine, self.memory, self.sync = actor, engine, memory, sync
         self.new_timer = timer_factory
         d, r = cfg.data, cfg.rollout
         self.custom_reward = load_custom_reward(d.custom_rm_path) if d.custom_rm_path else None
@@ -60,10 +61,10 @@ class RLStep:
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_weights()
             with timer.span("perf/update_weights_time"):
-                self.engine.load_weights(self.actor.hf_weights())
+                self.sync.update(self.memory.load_weights)
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_kv()
-        return {"step": step, **timer.times, **rollout_metrics(batch), **train_metrics}
+        return {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics}
 
     # ---- rollout ---------------------------------------------------------------------------------------
 
@@ -160,12 +161,14 @@ class RLStep:
     def train(self, batch: RolloutBatch, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict:
         inputs.old_logprobs = self.logprobs(inputs)
         mask = inputs.response_mask
-        abs_diff = ((inputs.old_logprobs - inputs.rollout_logprobs).abs() * mask).sum().item()
-        totals = self.actor.sum_over_dp({"abs_diff": abs_diff, "tokens": mask.sum().item()})
+        abs_diff = (inputs.old_logprobs - inputs.rollout_logprobs).abs() * mask
+        totals = self.actor.sum_over_dp({"abs_diff": abs_diff.sum().item(), "tokens": mask.sum().item()})
+        max_diff = self.actor.sum_over_dp({"max": abs_diff.max().item()}, op=torch.distributed.ReduceOp.MAX)
         inputs.advantages = self.advantages(batch, inputs)
         per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
         metrics = {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
         metrics["train/train_rollout_logprob_abs_diff"] = totals["abs_diff"] / max(totals["tokens"], 1.0)
+        metrics["train/train_rollout_logprob_max_abs_diff"] = max_diff["max"]
         metrics["train/param_norm"] = self.actor.param_norm()
         return metrics
 

@@ -2,8 +2,9 @@
 
 Ordering contract: the caller has woken the engine's weights (accelerators) before `sync_weights` and wakes
 the KV cache after it. Tensors are streamed from the trainer one parameter at a time (each is gathered over
-the training tensor-parallel group as it is produced), grouped into buckets of at most `buffer_size_bytes`
-(a single larger tensor forms its own bucket), and each bucket is handed to the engine in one call. The peak
+the training tensor-parallel group as it is produced), grouped into buckets of at most `buffer_size_bytes` of
+whole decoder layers (a layer larger than that forms its own bucket: the engine must get a layer in one call),
+and each bucket is handed to the engine in one call. The peak
 extra memory is one bucket, not one model.
 """
 
@@ -25,29 +26,54 @@ class SyncStats:
     max_bucket_bytes: int = 0
 
 
-def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], buffer_size_bytes: int) -> Iterator[NamedTensors]:
-    """Group a stream of tensors, in order, into lists of at most `buffer_size_bytes` (one oversized tensor is
-    a bucket of its own)."""
+def engine_unit(hf_name: str) -> str:
+    """The part of the engine that must receive all its tensors in one load call: a decoder layer (vLLM's
+    in-place reload processes a layer once per call; a layer split over two calls is left half-written), or
+    one global tensor (embeddings, final norm, LM head)."""
+    parts = hf_name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        return ".".join(parts[: i + 2])
+    return hf_name
+
+
+def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], buffer_size_bytes: int,
+            unit: Callable[[str], str] = lambda name: name) -> Iterator[NamedTensors]:
+    """Group a stream of tensors, in order, into lists of at most `buffer_size_bytes`, cutting only between
+    units (`unit(name)` changes); a unit larger than the buffer is a bucket of its own. The stream must give
+    each unit's tensors consecutively."""
     if buffer_size_bytes <= 0:
         raise ValueError(f"--update-weight-buffer-size {buffer_size_bytes}: must be > 0 bytes")
     bucket: NamedTensors = []
-    size = 0
+    size, current = 0, None
+    pending: NamedTensors = []  # the current unit's tensors
+    pending_size = 0
     for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > buffer_size_bytes:
+        key = unit(name)
+        if key != current and pending:
+            if bucket and size + pending_size > buffer_size_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket += pending
+            size += pending_size
+            pending, pending_size = [], 0
+        current = key
+        pending.append((name, tensor))
+        pending_size += tensor.numel() * tensor.element_size()
+    if pending:
+        if bucket and size + pending_size > buffer_size_bytes:
             yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
+            bucket = []
+        bucket += pending
     if bucket:
         yield bucket
 
 
 def sync_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], load_bucket: Callable[[NamedTensors], None],
                  buffer_size_bytes: int) -> SyncStats:
-    """Stream `named_tensors` into the engine through `load_bucket`, one call per bucket."""
+    """Stream `named_tensors` into the engine through `load_bucket`, one call per bucket of whole units."""
     stats = SyncStats()
-    for bucket in buckets(named_tensors, buffer_size_bytes):
+    for bucket in buckets(named_tensors, buffer_size_bytes, unit=engine_unit):
         bucket_bytes = sum(t.numel() * t.element_size() for _, t in bucket)
         load_bucket(bucket)
         stats.num_tensors += len(bucket)
@@ -55,3 +81,170 @@ def sync_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], load_bucket:
         stats.num_bytes += bucket_bytes
         stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket_bytes)
     return stats
+
+
+# ---- moving shards between ranks -------------------------------------------------------------------------
+#
+# The trainer exposes its parameters as `Shard`s: its (TP-, later PP-) local piece of each Megatron parameter,
+# named with global layer numbers. To load the engine, each rank needs, per parameter, every piece of it from
+# the ranks of its own training replica (same data-parallel index). Two ways to move them:
+# - "collective": all-gather over the training groups (works across nodes: gloo / NCCL / HCCL);
+# - "shm": within a node, each rank copies its pieces into a POSIX shared-memory arena it owns (mapped once,
+#   reused every sync) and reads its peers' pieces straight from theirs, with no collective but two barriers.
+
+
+@dataclass(frozen=True)
+class Shard:
+    name: str  # Megatron name with the global layer number
+    tensor: torch.Tensor
+    tp_split: bool  # whether the training TP ranks hold different pieces (else replicated)
+
+
+@dataclass(frozen=True)
+class Coords:
+    """Where a rank sits in the training layout."""
+
+    dp_rank: int
+    tp_rank: int
+    pp_rank: int
+
+
+TRANSPORTS = ("auto", "shm", "collective")
+
+
+def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool) -> str:
+    """`auto`: shm when every rank of this rank's training replica shares its node and the tensors are on the
+    CPU; else collective. (CUDA/NPU IPC handles are the accelerator form of shm; not wired yet.)"""
+    if requested not in TRANSPORTS:
+        raise ValueError(f"--weight-sync-transport {requested!r}: choose one of {', '.join(TRANSPORTS)}")
+    if requested == "collective":
+        return "collective"
+    shm_possible = replica_on_one_node and device_kind == "cpu"
+    if requested == "shm" and not shm_possible:
+        why = "the training replica spans nodes" if not replica_on_one_node else \
+            f"shared-memory transport of {device_kind} tensors (IPC handles) is not implemented yet"
+        raise ValueError(f"--weight-sync-transport shm is not possible here: {why}; use auto or collective")
+    return "shm" if shm_possible else "collective"
+
+
+class ShmArena:
+    """A rank's named POSIX shared-memory file (under /dev/shm), mapped as bytes."""
+
+    def __init__(self, path: str, num_bytes: int, create: bool) -> None:
+        import os
+
+        self.path, self.owner = path, create
+        if create:
+            with open(path, "wb") as f:
+                f.truncate(max(num_bytes, 1))
+        self.bytes = torch.from_file(path, shared=True, size=max(num_bytes, 1), dtype=torch.uint8)
+        if create:
+            os.chmod(path, 0o600)
+
+    def view(self, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        num_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        return self.bytes[offset : offset + num_bytes].view(dtype).view(shape)
+
+    def unlink(self) -> None:
+        """Remove the name; the mappings stay valid until every process drops them."""
+        import os
+
+        if self.owner and os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        self.bytes = None
+        self.unlink()
+
+
+class ShmExchange:
+    """Per-sync exchange of training shards through shared memory within a node (see above)."""
+
+    def __init__(self, shards: list[Shard], coords: Coords, tp_size: int, pp_size: int, job_id: str) -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        self.shards = shards
+        index, offset = [], 0
+        for s in shards:
+            index.append((s.name, offset, tuple(s.tensor.shape), s.tensor.dtype, s.tp_split))
+            offset += s.tensor.numel() * s.tensor.element_size()
+        self.own = ShmArena(f"/dev/shm/vime-{job_id}-rank{rank}", offset, create=True)
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (coords, self.own.path, offset, index))
+        self.peers: dict[tuple[int, int], tuple[ShmArena, dict]] = {}
+        for peer_coords, path, num_bytes, peer_index in everyone:
+            if peer_coords.dp_rank != coords.dp_rank:
+                continue
+            arena = self.own if path == self.own.path else ShmArena(path, num_bytes, create=False)
+            self.peers[(peer_coords.tp_rank, peer_coords.pp_rank)] = (arena, {e[0]: e for e in peer_index})
+        # Every peer has mapped the files: unlink them now, so that a crash cannot leave them in /dev/shm.
+        dist.barrier()
+        self.own.unlink()
+        self.tp_size, self.pp_size = tp_size, pp_size
+        self.order = [[e[0] for e in self.peers[(0, pp)][1].values()] for pp in range(pp_size)]
+        self.own_index = index
+
+    def pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """Publish this rank's shards, then yield (name, pieces in TP order) for every parameter of the model.
+        The pieces are views into the arenas: use them before the generator resumes."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for shard, (_, offset, shape, dtype, _) in zip(self.shards, self.own_index):
+                self.own.view(offset, shape, dtype).copy_(shard.tensor)
+        dist.barrier()  # every arena is written
+        for pp in range(self.pp_size):
+            for name in self.order[pp]:
+                split = self.peers[(0, pp)][1][name][4]
+                owners = range(self.tp_size) if split else range(1)
+                views = []
+                for tp in owners:
+                    arena, index = self.peers[(tp, pp)]
+                    _, offset, shape, dtype, _ = index[name]
+                    views.append(arena.view(offset, shape, dtype))
+                yield name, views
+        dist.barrier()  # nobody rewrites its arena while a peer may still read it
+
+    def close(self) -> None:
+        for arena, _ in self.peers.values():
+            if arena is not self.own:
+                arena.close()
+        self.own.close()
+
+
+class WeightSync:
+    """The whole update: trainer shards -> HF tensors -> buckets -> engine, over the chosen transport."""
+
+    def __init__(self, actor, acc_kind: str, transport: str, buffer_size_bytes: int) -> None:
+        import socket
+        import uuid
+
+        import torch.distributed as dist
+
+        self.actor, self.buffer_size_bytes = actor, buffer_size_bytes
+        coords = actor.coords()
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (coords, socket.gethostname()))
+        my_host = socket.gethostname()
+        replica_on_one_node = all(host == my_host for c, host in everyone if c.dp_rank == coords.dp_rank)
+        self.transport = choose_transport(transport, acc_kind, replica_on_one_node)
+        self.exchange = None
+        if self.transport == "shm":
+            job_id = [uuid.uuid4().hex[:12]]
+            dist.broadcast_object_list(job_id, src=0)
+            self.exchange = ShmExchange(actor.shards(), coords, actor.tp_size, actor.pp_size, job_id[0])
+
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.exchange is None:
+            yield from self.actor.hf_weights()
+            return
+        for name, pieces in self.exchange.pieces():
+            yield from self.actor.to_hf(name, pieces)
+
+    def update(self, load_bucket: Callable[[NamedTensors], None]) -> SyncStats:
+        return sync_weights(self.hf_weights(), load_bucket, self.buffer_size_bytes)
+
+    def close(self) -> None:
+        if self.exchange is not None:
+            self.exchange.close()

@@ -15,6 +15,7 @@ from .memory import MemoryManager
 from .metrics import MetricsLog, StepTimer
 from .parallel import Layout
 from .step import RLStep
+from .sync import WeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     torch.manual_seed(cfg.train.seed)
     layout = Layout(rank=torch.distributed.get_rank(), world_size=world_size,
                     tp_size=cfg.parallel.tensor_model_parallel_size,
-                    engine_size=cfg.parallel.rollout_num_gpus_per_engine)
+                    engine_size=cfg.parallel.rollout_num_gpus_per_engine,
+                    pp_size=cfg.parallel.pipeline_model_parallel_size)
     log = MetricsLog(cfg.log.log_dir, enabled=layout.rank == 0)
     if layout.rank == 0:
         dump(cfg, Path(cfg.log.log_dir) / "config.json")
@@ -63,9 +65,15 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     from .rollout.engine import RolloutEngine
     from .train.megatron import MegatronActor
 
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
-    engine = RolloutEngine(cfg, acc, layout)
-    step = RLStep(cfg, layout, dataset, actor, engine, MemoryManager(acc, engine), lambda: StepTimer(acc))
+    memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
+                           engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)
+    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint), memory=memory)
+    # The trainer pauses before the engine starts, so that vLLM sizes its KV cache against what is then free.
+    engine = memory.start_engine(lambda: RolloutEngine(cfg, acc, layout), cfg.rollout.vllm_gpu_memory_utilization)
+    sync = WeightSync(actor, acc.kind, cfg.parallel.weight_sync_transport, cfg.parallel.update_weight_buffer_size)
+    logger.info("weight sync: %s transport, buckets of %d MiB", sync.transport,
+                cfg.parallel.update_weight_buffer_size >> 20)
+    step = RLStep(cfg, layout, dataset, actor, engine, memory, sync, lambda: StepTimer(acc))
     records = []
     try:
         for i in range(1, cfg.train.num_rollout + 1):
@@ -74,6 +82,7 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
             records.append(record)
     finally:
         # Megatron's groups first, then the engine (its cleanup destroys the default group), then the rest.
+        sync.close()
         actor.close()
         engine.close()
         if torch.distributed.is_initialized():

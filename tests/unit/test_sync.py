@@ -31,17 +31,56 @@ def test_streams_lazily_so_only_one_bucket_is_alive():
     produced = []
 
     def stream():
-        for name, t in named(5, 5, 5):
+        for name, t in named(5, 5, 5, 5, 5):
             produced.append(name)
             yield name, t
 
     seen_when_loading = []
     sync_weights(stream(), lambda bucket: seen_when_loading.append(len(produced)), buffer_size_bytes=20)
-    # Each bucket holds one 20-byte tensor; the first is loaded once the second has been produced (the
-    # bucket boundary is only known then), never after the whole model was produced.
-    assert seen_when_loading == [2, 3, 3]
+    # Each bucket holds one 20-byte tensor. A bucket is closed when the unit after the next one starts (a unit
+    # is only complete when the following one begins), so bucket k is loaded once tensor k+2 was produced:
+    # the stream runs at most two tensors ahead of the engine, never a whole model.
+    assert seen_when_loading == [3, 4, 5, 5, 5]
 
 
 def test_non_positive_buffer_is_refused():
     with pytest.raises(ValueError, match="--update-weight-buffer-size"):
         list(buckets(named(1), 0))
+
+
+@pytest.mark.parametrize("requested,device,one_node,expected", [
+    ("auto", "cpu", True, "shm"),
+    ("auto", "cpu", False, "collective"),   # a replica across nodes: only process groups reach it
+    ("auto", "cuda", True, "collective"),   # IPC handles for device tensors are not wired yet
+    ("collective", "cpu", True, "collective"),
+    ("shm", "cpu", True, "shm"),
+])
+def test_transport_choice(requested, device, one_node, expected):
+    from vime_spmd.sync import choose_transport
+
+    assert choose_transport(requested, device, one_node) == expected
+
+
+@pytest.mark.parametrize("device,one_node,why", [("cpu", False, "spans nodes"), ("npu", True, "not implemented")])
+def test_forcing_shm_where_it_cannot_work_names_the_flag_and_reason(device, one_node, why):
+    from vime_spmd.sync import choose_transport
+
+    with pytest.raises(ValueError, match=f"--weight-sync-transport shm .*{why}"):
+        choose_transport("shm", device, one_node)
+
+
+def test_buckets_never_split_a_decoder_layer():
+    from vime_spmd.sync import engine_unit
+
+    stream = [("model.embed_tokens.weight", torch.zeros(10)),
+              ("model.layers.0.self_attn.q_proj.weight", torch.zeros(4)),
+              ("model.layers.0.self_attn.k_proj.weight", torch.zeros(4)),
+              ("model.layers.0.self_attn.q_proj.bias", torch.zeros(4)),
+              ("model.layers.1.mlp.gate_proj.weight", torch.zeros(6)),
+              ("model.layers.1.mlp.up_proj.weight", torch.zeros(6)),
+              ("model.norm.weight", torch.zeros(2))]
+    # 40-byte buffer (10 floats): embed (10) | layer 0 (12, over the buffer: alone) | layer 1 (12) | norm (2)
+    groups = list(buckets(stream, 40, unit=engine_unit))
+    assert [[n.split(".")[-2] for n, _ in g] for g in groups] == [
+        ["embed_tokens"], ["q_proj", "k_proj", "q_proj"], ["gate_proj", "up_proj"], ["norm"]]
+    assert engine_unit("model.layers.12.mlp.down_proj.weight") == "model.layers.12"

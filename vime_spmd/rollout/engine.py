@@ -64,7 +64,10 @@ class RolloutEngine:
             kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=r.vllm_kv_cache_bytes)
         else:
             kwargs.update(dtype="bfloat16", gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                          enable_sleep_mode=True)
+                          enable_sleep_mode=r.vllm_enable_sleep_mode)
+        if acc.kind == "npu":
+            # ACL graphs capture weight addresses at start; weight updates must not be read through stale ones.
+            kwargs["enforce_eager"] = True
         with _guard_process_state():
             self.llm = LLM(**kwargs)
         self.cfg = cfg
@@ -92,10 +95,10 @@ class RolloutEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """Free the KV cache and weights (accelerators). Level 1 offloads weights to host; they are overwritten
-        by the trainer's anyway, which is why `wake_up` happens before `load_weights`."""
-        self.llm.sleep(level=1)
+    def sleep(self, level: int) -> None:
+        """Free the KV cache and weights (accelerators, sleep mode). Level 1 copies the weights to host, level 2
+        discards them; the memory manager chooses (it uses 2: the trainer's weights are loaded after every wake)."""
+        self.llm.sleep(level=level)
 
     def wake_up(self, tags: list[str]) -> None:
         self.llm.wake_up(tags=tags)

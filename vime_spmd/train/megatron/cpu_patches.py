@@ -26,6 +26,8 @@ CUDA_BOUND_MODULES = {
     "megatron.core.distributed.finalize_model_grads": "token-count tensors on current_device()",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq moved to current_device()",
     "megatron.core.utils": "global memory buffer and local l2-norm on 'cuda'",
+    "megatron.core.pipeline_parallel.schedules": "token-count accumulator on 'cuda'",
+    "megatron.core.pipeline_parallel.p2p_communication": "receive buffers on current_device(); cuda.synchronize()",
 }
 
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand")
@@ -106,6 +108,22 @@ def _clip_grad_by_total_norm(parameters, max_norm: float, total_norm: float, use
         torch._foreach_mul_(grads, clip_coeff)
 
 
+def _keep_tied_copy_on_cpu(setup):
+    """With pipeline stages and tied embeddings, `LanguageModule.setup_embeddings_and_output_layer` moves the last
+    stage's copy of the word embeddings with `weight.data.cuda()` before all-reducing it over the embedding group;
+    on CPU that call raises. During that method only, `.cuda()` of a CPU tensor returns the tensor."""
+
+    def setup_on_cpu(self, *args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **kw: t if t.device.type == "cpu" else cuda(t, *a, **kw)
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return setup_on_cpu
+
+
 _applied = False
 
 
@@ -123,4 +141,7 @@ def apply_cpu_patches() -> None:
             logger.debug("cpu patch: %s (%s)", module_name, why)
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    cls = language_module.LanguageModule
+    cls.setup_embeddings_and_output_layer = _keep_tied_copy_on_cpu(cls.setup_embeddings_and_output_layer)
     _applied = True

@@ -43,6 +43,11 @@ class ModelShape:
                 raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the model's {n} {what}; "
                                  f"choose a tensor-parallel size that divides it")
 
+    def check_pp(self, pp: int) -> None:
+        if self.num_layers % pp:
+            raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the model's {self.num_layers} "
+                             f"layers; choose a pipeline-parallel size that divides it")
+
 
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int) -> int:
     """Megatron-LM's rule: round up to a multiple of divisible_by * TP (every TP rank gets an equal slice)."""
@@ -52,8 +57,12 @@ def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: in
     return -(-vocab_size // multiple) * multiple
 
 
-def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool) -> GPTModel:
+def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool, pp: int = 1,
+                    pre_process: bool = True, post_process: bool = True) -> GPTModel:
+    """This rank's GPTModel: with `pp` stages, its equal share of the layers, with the embedding when
+    `pre_process` (first stage) and the final norm and output layer when `post_process` (last stage)."""
     shape.check_tp(tp)
+    shape.check_pp(pp)
     assert shape.padded_vocab_size % tp == 0 and shape.padded_vocab_size >= shape.vocab_size, shape
     config = TransformerConfig(
         num_layers=shape.num_layers,
@@ -72,6 +81,12 @@ def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        # Micro-batches differ in length and (compute_logprobs' last one) in size: stages exchange shapes first.
+        variable_seq_lengths=pp > 1,
+        # Dense model, no dispatcher; but megatron-core refuses variable_seq_lengths with the default ("allgather").
+        moe_token_dispatcher_type="alltoall",
+        pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=on_cpu,
@@ -91,8 +106,8 @@ def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool
         transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=shape.qk_layernorm, normalization="RMSNorm"),
         vocab_size=shape.padded_vocab_size,
         max_sequence_length=shape.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=shape.tie_word_embeddings,
         position_embedding_type="rope",

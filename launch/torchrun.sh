@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One node: set the platform's environment (python -m vime_spmd.launch_env prints each variable with its reason),
+# then start one rank per device with torchrun.
+#
+#   launch/torchrun.sh --hf-checkpoint /models/Qwen3-4B --prompt-data prompts.jsonl ...   # run.py flags
+#
+# DEVICE=auto|cpu|cuda|npu (default auto), NPROC_PER_NODE (default: every device of that kind; 1 on CPU),
+# PYTHON (default: the repository's .venv, else python3).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+DEVICE="${DEVICE:-auto}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# An assignment, so that a failure (say, no preload library on Ascend) stops here instead of running without it.
+ENV_LINES="$("$PYTHON" -m vime_spmd.launch_env --device "$DEVICE")"
+echo "$ENV_LINES" >&2
+eval "$ENV_LINES"
+NPROC="${NPROC_PER_NODE:-$("$PYTHON" -m vime_spmd.launch_env --device "$DEVICE" --count)}"
+
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "$ROOT/run.py" --device "$DEVICE" "$@"

@@ -1,0 +1,44 @@
+"""Under torchrun: the shared-memory and collective transports deliver the same HF tensors as a plain export,
+twice in a row (the arenas are reused), after the weights changed in between. Writes a JSON report (rank 0)."""
+
+import json
+import sys
+
+import torch
+
+from vime_spmd.config import parse_config
+from vime_spmd.device import init_distributed, select_accelerator
+from vime_spmd.sync import WeightSync
+from vime_spmd.train.megatron import MegatronActor
+
+
+def main(model_dir: str, tp: int, transport: str, out: str) -> None:
+    cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
+                        "--tensor-model-parallel-size", str(tp)])
+    acc = select_accelerator("cpu")
+    init_distributed(acc)
+    from transformers import AutoConfig
+
+    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
+    sync = WeightSync(actor, "cpu", transport, buffer_size_bytes=64 << 10)
+    mismatches, num_buckets = [], []
+    for round_ in range(2):
+        expected = {k: v.clone() for k, v in actor.hf_weights()}
+        got = {}
+        stats = sync.update(lambda bucket: got.update({k: v.clone() for k, v in bucket}))
+        num_buckets.append(stats.num_buckets)
+        mismatches += [f"{round_}:{k}" for k in expected if k not in got or not torch.equal(got[k], expected[k])]
+        with torch.no_grad():  # change every weight before the second round
+            for p in actor.model.module.parameters():
+                p.add_(0.5)
+    if torch.distributed.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump({"transport": sync.transport, "mismatches": mismatches, "num_buckets": num_buckets,
+                       "num_tensors": len(expected)}, f)
+    sync.close()
+    actor.close()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
