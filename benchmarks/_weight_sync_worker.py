@@ -11,11 +11,12 @@ from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
 from vime_spmd.rollout.engine import RolloutEngine
-from vime_spmd.sync import sync_weights
+from vime_spmd.sync import WeightSync
 from vime_spmd.train.megatron import MegatronActor
 
 
-def main(model_dir: str, tp: int, engine_tp: int, repeats: int, buffer_bytes: int, out: str) -> None:
+def main(model_dir: str, tp: int, engine_tp: int, transport: str, repeats: int, buffer_bytes: int,
+         out: str) -> None:
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--rollout-num-gpus-per-engine", str(engine_tp),
                         "--vllm-kv-cache-bytes", str(64 << 20)])
@@ -27,8 +28,10 @@ def main(model_dir: str, tp: int, engine_tp: int, repeats: int, buffer_bytes: in
     actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
     engine = RolloutEngine(cfg, acc, layout)
 
+    sync = WeightSync(actor, "cpu", transport, buffer_bytes)
+
     def update() -> int:
-        return sync_weights(actor.hf_weights(), engine.load_weights, buffer_bytes).num_bytes
+        return sync.update(engine.load_weights).num_bytes
 
     num_bytes = update()  # warm-up
     update_s, floor_s = [], []
@@ -46,14 +49,16 @@ def main(model_dir: str, tp: int, engine_tp: int, repeats: int, buffer_bytes: in
             dst.copy_(src)
         floor_s.append(time.perf_counter() - start)
     if layout.rank == 0:
-        result = {"train_tp": tp, "engine_tp": engine_tp, "bytes_per_rank": num_bytes,
+        result = {"train_tp": tp, "engine_tp": engine_tp, "transport": sync.transport, "bytes_per_rank": num_bytes,
                   "update_weights_s": statistics.median(update_s), "copy_floor_s": statistics.median(floor_s)}
         result["ratio"] = result["update_weights_s"] / result["copy_floor_s"]
         with open(out, "w") as f:
             json.dump(result, f)
+    sync.close()
     actor.close()
     engine.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5]), int(sys.argv[6]),
+         sys.argv[7])

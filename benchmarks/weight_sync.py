@@ -35,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", default="runs/bench/qwen3-100m")
     p.add_argument("--layouts", default="1x1,2x2,2x1,1x2", help="train_tp x engine_tp, comma separated")
+    p.add_argument("--transports", default="shm,collective")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--update-weight-buffer-size", type=int, default=512 << 20)
     p.add_argument("--out", default="runs/bench/weight_sync.json")
@@ -43,12 +44,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "vime_spmd.tools.make_tiny_model", args.model_dir, *MODEL_ARGS],
                        check=True, cwd=ROOT)
     rows = []
-    for layout in args.layouts.split(","):
+    cases = [(layout, t) for layout in args.layouts.split(",") for t in args.transports.split(",")]
+    for layout, transport in cases:
         tp, engine_tp = (int(x) for x in layout.split("x"))
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
                    str(free_port()), str(ROOT / "benchmarks/_weight_sync_worker.py"), args.model_dir, str(tp),
-                   str(engine_tp), str(args.repeats), str(args.update_weight_buffer_size), out.name]
+                   str(engine_tp), transport, str(args.repeats), str(args.update_weight_buffer_size), out.name]
             subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows.append(json.loads(Path(out.name).read_text()))
@@ -57,9 +59,10 @@ def main() -> None:
     num_params = rows[0]["bytes_per_rank"] // 4
     report["model_params"] = num_params
     print(f"weight sync, {num_params / 1e6:.0f}M params fp32, 2 ranks, {report['machine']}")
-    print(f"{'train TP':>8} {'engine TP':>9} {'MiB/rank':>9} {'update (s)':>11} {'copy floor (s)':>15} {'ratio':>6}")
+    print(f"{'train TP':>8} {'engine TP':>9} {'transport':>10} {'MiB/rank':>9} {'update (s)':>11} "
+          f"{'copy floor (s)':>15} {'ratio':>6}")
     for r in rows:
-        print(f"{r['train_tp']:>8} {r['engine_tp']:>9} {r['bytes_per_rank'] / 2**20:>9.0f} "
+        print(f"{r['train_tp']:>8} {r['engine_tp']:>9} {r['transport']:>10} {r['bytes_per_rank'] / 2**20:>9.0f} "
               f"{r['update_weights_s']:>11.3f} {r['copy_floor_s']:>15.3f} {r['ratio']:>6.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
