@@ -126,7 +126,8 @@ def _qkv_to_hf(qkv: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torc
     groups, hd = shape.num_kv_heads, shape.head_dim
     q_rows = (shape.num_heads // groups) * hd
     q, k, v = qkv.unflatten(0, (groups, -1)).split([q_rows, hd, hd], dim=1)
-    return q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    # One dense copy each: the engine's loader copies strided sources several times slower.
+    return q.flatten(0, 1).contiguous(), k.flatten(0, 1).contiguous(), v.flatten(0, 1).contiguous()
 
 
 def to_megatron(hf: dict[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
@@ -167,10 +168,16 @@ def to_megatron(hf: dict[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp
 
 # ---- Megatron shards -> full HF tensors ----------------------------------------------------------------------
 
+def _cat(shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate TP pieces; a single piece is returned as is (no copy: the engine's loader copies anyway)."""
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim=dim)
+
+
 def to_hf(mname: str, shards: list[torch.Tensor], shape: ModelShape) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full HF tensors from the TP shards (in TP-rank order) of one Megatron parameter."""
+    """Full HF tensors from the TP shards (in TP-rank order) of one Megatron parameter. Results may be views
+    of the shards: consume them before the shards change."""
     if mname in _VOCAB:
-        yield _VOCAB[mname], torch.cat(shards, dim=0)[: shape.vocab_size]
+        yield _VOCAB[mname], _cat(shards, dim=0)[: shape.vocab_size]
         return
     if mname == _FINAL_NORM[0]:
         yield _FINAL_NORM[1], shards[0]
@@ -180,15 +187,15 @@ def to_hf(mname: str, shards: list[torch.Tensor], shape: ModelShape) -> Iterator
     h = f"model.layers.{layer}."
     if msuf in _LAYER_SIMPLE:
         hsuf, dim = _LAYER_SIMPLE[msuf]
-        yield h + hsuf, shards[0] if dim is None else torch.cat(shards, dim=dim)
+        yield h + hsuf, shards[0] if dim is None else _cat(shards, dim=dim)
     elif msuf in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = msuf.rpartition(".")[2]
-        q, k, v = _qkv_to_hf(torch.cat(shards, dim=0), shape)
+        q, k, v = _qkv_to_hf(_cat(shards, dim=0), shape)
         yield from ((f"{h}self_attn.q_proj.{kind}", q), (f"{h}self_attn.k_proj.{kind}", k),
                     (f"{h}self_attn.v_proj.{kind}", v))
     elif msuf == "mlp.linear_fc1.weight":
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
-        yield h + "mlp.gate_proj.weight", torch.cat(gates, dim=0)
-        yield h + "mlp.up_proj.weight", torch.cat(ups, dim=0)
+        yield h + "mlp.gate_proj.weight", _cat(list(gates), dim=0)
+        yield h + "mlp.up_proj.weight", _cat(list(ups), dim=0)
     else:
         raise KeyError(f"no HF name for Megatron parameter {mname!r} (dense decoder conversion)")
