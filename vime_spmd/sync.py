@@ -114,23 +114,27 @@ TRANSPORTS = ("auto", "shm", "collective")
 
 def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool) -> str:
     """`auto`: shm when every rank of this rank's training replica shares its node and the tensors are on the
-    CPU; else collective. (CUDA/NPU IPC handles are the accelerator form of shm; not wired yet.)"""
+    CPU, else collective. `shm` can be forced on CUDA, where the shared arenas are device buffers mapped through
+    CUDA IPC handles: written for, but not yet run on, a GPU, which is why `auto` does not pick it there."""
     if requested not in TRANSPORTS:
         raise ValueError(f"--weight-sync-transport {requested!r}: choose one of {', '.join(TRANSPORTS)}")
     if requested == "collective":
         return "collective"
-    shm_possible = replica_on_one_node and device_kind == "cpu"
-    if requested == "shm" and not shm_possible:
-        why = "the training replica spans nodes" if not replica_on_one_node else \
-            f"shared-memory transport of {device_kind} tensors (IPC handles) is not implemented yet"
-        raise ValueError(f"--weight-sync-transport shm is not possible here: {why}; use auto or collective")
-    return "shm" if shm_possible else "collective"
+    if requested == "auto":
+        return "shm" if replica_on_one_node and device_kind == "cpu" else "collective"
+    if not replica_on_one_node:
+        raise ValueError("--weight-sync-transport shm is not possible here: the training replica spans nodes; "
+                         "use auto or collective")
+    if device_kind not in ("cpu", "cuda"):
+        raise ValueError(f"--weight-sync-transport shm is not possible here: sharing {device_kind} tensors "
+                         "between processes (IPC handles) is not implemented; use auto or collective")
+    return "shm"
 
 
 class ShmArena:
-    """A rank's named POSIX shared-memory file (under /dev/shm), mapped as bytes."""
+    """A rank's named POSIX shared-memory file (under /dev/shm), mapped as bytes. `share_info` is its path."""
 
-    def __init__(self, path: str, num_bytes: int, create: bool) -> None:
+    def __init__(self, num_bytes: int, path: str, create: bool) -> None:
         import os
 
         self.path, self.owner = path, create
@@ -140,6 +144,7 @@ class ShmArena:
         self.bytes = torch.from_file(path, shared=True, size=max(num_bytes, 1), dtype=torch.uint8)
         if create:
             os.chmod(path, 0o600)
+        self.share_info = path
 
     def view(self, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         num_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -157,26 +162,52 @@ class ShmArena:
         self.unlink()
 
 
+class CudaIpcArena(ShmArena):
+    """A rank's device buffer, mapped by the other processes of its node through a CUDA IPC handle
+    (`torch.multiprocessing.reductions.reduce_tensor`). `share_info` is the picklable handle."""
+
+    def __init__(self, num_bytes: int, device: torch.device, handle=None) -> None:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        self.path, self.owner = None, handle is None
+        if handle is None:
+            self.bytes = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
+            self.share_info = reduce_tensor(self.bytes)
+        else:
+            rebuild, args = handle
+            self.bytes = rebuild(*args)
+            self.share_info = handle
+
+    def unlink(self) -> None:
+        pass  # the mapping ends with the owner's buffer
+
+
 class ShmExchange:
     """Per-sync exchange of training shards through shared memory within a node (see above)."""
 
-    def __init__(self, shards: list[Shard], coords: Coords, tp_size: int, pp_size: int, job_id: str) -> None:
+    def __init__(self, shards: list[Shard], coords: Coords, tp_size: int, pp_size: int, job_id: str,
+                 device: torch.device) -> None:
         import torch.distributed as dist
 
         rank = dist.get_rank()
-        self.shards = shards
+        self.shards, self.device = shards, device
         index, offset = [], 0
         for s in shards:
             index.append((s.name, offset, tuple(s.tensor.shape), s.tensor.dtype, s.tp_split))
             offset += s.tensor.numel() * s.tensor.element_size()
-        self.own = ShmArena(f"/dev/shm/vime-{job_id}-rank{rank}", offset, create=True)
+        if device.type == "cpu":
+            self.own = ShmArena(offset, f"/dev/shm/vime-{job_id}-rank{rank}", create=True)
+            open_peer = lambda info, num_bytes: ShmArena(num_bytes, info, create=False)  # noqa: E731
+        else:
+            self.own = CudaIpcArena(offset, device)
+            open_peer = lambda info, num_bytes: CudaIpcArena(num_bytes, device, handle=info)  # noqa: E731
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (coords, self.own.path, offset, index))
+        dist.all_gather_object(everyone, (coords, rank, self.own.share_info, offset, index))
         self.peers: dict[tuple[int, int], tuple[ShmArena, dict]] = {}
-        for peer_coords, path, num_bytes, peer_index in everyone:
+        for peer_coords, peer_rank, info, num_bytes, peer_index in everyone:
             if peer_coords.dp_rank != coords.dp_rank:
                 continue
-            arena = self.own if path == self.own.path else ShmArena(path, num_bytes, create=False)
+            arena = self.own if peer_rank == rank else open_peer(info, num_bytes)
             self.peers[(peer_coords.tp_rank, peer_coords.pp_rank)] = (arena, {e[0]: e for e in peer_index})
         # Every peer has mapped the files: unlink them now, so that a crash cannot leave them in /dev/shm.
         dist.barrier()
@@ -193,6 +224,7 @@ class ShmExchange:
         with torch.no_grad():
             for shard, (_, offset, shape, dtype, _) in zip(self.shards, self.own_index):
                 self.own.view(offset, shape, dtype).copy_(shard.tensor)
+        self._synchronize()
         dist.barrier()  # every arena is written
         for pp in range(self.pp_size):
             for name in self.order[pp]:
@@ -204,7 +236,13 @@ class ShmExchange:
                     _, offset, shape, dtype, _ = index[name]
                     views.append(arena.view(offset, shape, dtype))
                 yield name, views
+        self._synchronize()
         dist.barrier()  # nobody rewrites its arena while a peer may still read it
+
+    def _synchronize(self) -> None:
+        """Device copies are asynchronous: finish them before telling the peers (CUDA only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         for arena, _ in self.peers.values():
@@ -233,7 +271,8 @@ class WeightSync:
         if self.transport == "shm":
             job_id = [uuid.uuid4().hex[:12]]
             dist.broadcast_object_list(job_id, src=0)
-            self.exchange = ShmExchange(actor.shards(), coords, actor.tp_size, actor.pp_size, job_id[0])
+            self.exchange = ShmExchange(actor.shards(), coords, actor.tp_size, actor.pp_size, job_id[0],
+                                        actor.acc.torch_device)
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self.exchange is None:

@@ -51,9 +51,10 @@ def test_non_positive_buffer_is_refused():
 @pytest.mark.parametrize("requested,device,one_node,expected", [
     ("auto", "cpu", True, "shm"),
     ("auto", "cpu", False, "collective"),   # a replica across nodes: only process groups reach it
-    ("auto", "cuda", True, "collective"),   # IPC handles for device tensors are not wired yet
+    ("auto", "cuda", True, "collective"),   # CUDA IPC arenas: not yet run on a GPU, so only when forced
     ("collective", "cpu", True, "collective"),
     ("shm", "cpu", True, "shm"),
+    ("shm", "cuda", True, "shm"),
 ])
 def test_transport_choice(requested, device, one_node, expected):
     from vime_spmd.sync import choose_transport
