@@ -74,3 +74,9 @@ def tiny_model_qwen2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_llama(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny_llama") / "model", "--family", "llama", "--seed", "3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_kv4(tmp_path_factory) -> Path:
+    """Four key/value heads, so that training tensor parallelism can go to 4."""
+    return make_model(tmp_path_factory.mktemp("tiny_kv4") / "model", "--num-kv-heads", "4", "--seed", "4")

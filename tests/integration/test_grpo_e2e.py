@@ -40,6 +40,7 @@ LAYOUTS = [  # ranks, train TP, train PP, engine TP, transport, model family
     (2, 1, 1, 2, "collective", "llama"),
     (2, 1, 2, 1, "shm", "qwen3"),  # pipeline of two stages, each rank its own engine
     (4, 2, 2, 2, "shm", "llama"),  # TP2 x PP2 on 4 ranks, two engines of TP2
+    (4, 4, 1, 2, "shm", "qwen3_kv4"),  # TP4 training, two engines of TP2
 ]
 
 
@@ -47,7 +48,7 @@ LAYOUTS = [  # ranks, train TP, train PP, engine TP, transport, model family
                          ids=[f"{n}ranks-train_tp{t}pp{p}-engine_tp{e}-{x}-{f}" for n, t, p, e, x, f in LAYOUTS])
 def test_three_grpo_steps(request, letters_data, tmp_path, nproc, tp, pp, engine, transport, family):
     model = request.getfixturevalue({"qwen3": "tiny_model", "qwen2": "tiny_model_qwen2",
-                                     "llama": "tiny_model_llama"}[family])
+                                     "llama": "tiny_model_llama", "qwen3_kv4": "tiny_model_kv4"}[family])
     log_dir = tmp_path / "run"
     proc = run_ranks(nproc, ROOT / "run.py", "--hf-checkpoint", str(model), "--prompt-data", str(letters_data),
                      "--num-rollout", "3", "--tensor-model-parallel-size", str(tp),

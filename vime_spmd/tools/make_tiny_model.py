@@ -90,7 +90,7 @@ def build_model(args: argparse.Namespace, vocab_size: int):
         max_position_embeddings=args.max_position_embeddings,
         tie_word_embeddings=args.tie_word_embeddings,
         rms_norm_eps=1e-6,
-        torch_dtype="float32",
+        torch_dtype=args.dtype,
     )
     if args.family == "qwen3":
         config, cls = Qwen3Config(**common, head_dim=args.head_dim, rope_theta=10000.0), Qwen3ForCausalLM
@@ -99,14 +99,14 @@ def build_model(args: argparse.Namespace, vocab_size: int):
     else:
         config, cls = LlamaConfig(**common, head_dim=args.head_dim, rope_parameters=dict(LLAMA3_ROPE)), LlamaForCausalLM
     torch.manual_seed(args.seed)
-    model = cls(config)
+    model = cls(config)  # initialised in fp32, then cast: the same seed gives the same weights in either dtype
     if args.family == "qwen2":
         # transformers zero-initialises biases; random ones make the conversion tests see a misplaced bias.
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith(".bias"):
                     param.normal_(std=0.02)
-    return model
+    return model.to(getattr(torch, args.dtype))
 
 
 def make_tiny_model(args: argparse.Namespace) -> Path:
@@ -152,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-position-embeddings", type=int, default=1024)
     p.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the saved weights (bfloat16 for real-size shapes on accelerators)")
     return p.parse_args(argv)
 
 
