@@ -119,6 +119,14 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save: str | None = opt(None, "folder for checkpoints (policy shards, optimizer, data position), written atomically")
+    save_interval: int | None = opt(None, "save every this many steps (and after the last); default: only after "
+                                          "the last")
+    load: str | None = opt(None, "resume from the latest checkpoint in this folder (same ranks and parallel sizes)")
+
+
+@dataclass
 class LogConfig:
     log_dir: str | None = opt(None, "folder for metrics.jsonl (default: runs/<time>)")
 
@@ -132,6 +140,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
@@ -232,6 +241,9 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ValueError(f"--rollout-top-p {r.rollout_top_p}: must be in (0, 1]")
     if r.rollout_temperature <= 0:
         raise ValueError(f"--rollout-temperature {r.rollout_temperature}: must be > 0 (logprobs need sampling)")
+    c = cfg.checkpoint
+    if c.save_interval is not None and (c.save_interval < 1 or c.save is None):
+        raise ValueError(f"--save-interval {c.save_interval}: needs --save DIR and a value >= 1")
     if cfg.algorithm.use_kl_loss and cfg.algorithm.kl_loss_coef <= 0:
         raise ValueError("--use-kl-loss needs --kl-loss-coef > 0")
     a = cfg.algorithm

@@ -64,7 +64,20 @@ class RLStep:
                 self.sync.update(self.memory.load_weights)
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_kv()
-        return {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics}
+        data = {"data/position": float(self.dataset.position)}
+        return {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics,
+                **data}
+
+    def prime_engine(self) -> None:
+        """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint),
+        through the same transitions a step uses."""
+        self.memory.engine_sleep()
+        self.memory.train_wake()
+        self.memory.train_sleep()
+        self.memory.engine_wake_weights()
+        self.sync.update(self.memory.load_weights)
+        self.memory.engine_wake_kv()
+        self.memory.metrics()  # these readings belong to no step
 
     # ---- rollout ---------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import Config, dump, validate
 from .data import PromptDataset
 from .device import init_distributed, select_accelerator
@@ -30,6 +31,8 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"--hf-checkpoint {ckpt}: no config.json inside; is it an HF model folder?")
     if cfg.model.ref_load and not Path(cfg.model.ref_load).is_dir():
         raise ValueError(f"--ref-load {cfg.model.ref_load}: no such directory")
+    if cfg.checkpoint.load:
+        checkpoint.check_loadable(cfg.checkpoint.load)
 
 
 def prepare(cfg: Config) -> PromptDataset:
@@ -68,6 +71,7 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
                            engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)
     actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint), memory=memory)
+    start_step = checkpoint.load(cfg.checkpoint.load, actor, dataset, layout) if cfg.checkpoint.load else 0
     # The trainer pauses before the engine starts, so that vLLM sizes its KV cache against what is then free.
     engine = memory.start_engine(lambda: RolloutEngine(cfg, acc, layout), cfg.rollout.vllm_gpu_memory_utilization)
     sync = WeightSync(actor, acc.kind, cfg.parallel.weight_sync_transport, cfg.parallel.update_weight_buffer_size)
@@ -76,10 +80,16 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     step = RLStep(cfg, layout, dataset, actor, engine, memory, sync, lambda: StepTimer(acc))
     records = []
     try:
-        for i in range(1, cfg.train.num_rollout + 1):
+        if start_step:
+            logger.info("resumed from %s at step %d", cfg.checkpoint.load, start_step)
+            step.prime_engine()  # the engine started from --hf-checkpoint: give it the checkpoint's weights
+        c = cfg.checkpoint
+        for i in range(start_step + 1, cfg.train.num_rollout + 1):
             record = step.run(i)
             log.write(record)
             records.append(record)
+            if c.save and (i == cfg.train.num_rollout or (c.save_interval and i % c.save_interval == 0)):
+                checkpoint.save(c.save, i, actor, dataset, layout)
     finally:
         # Megatron's groups first, then the engine (its cleanup destroys the default group), then the rest.
         sync.close()

@@ -71,6 +71,7 @@ class MegatronActor:
         self.last_stage = parallel_state.is_pipeline_last_stage()
 
         region = memory.region if memory is not None else (lambda tag: nullcontext())
+        self.region = region
         with region("params"):
             model = self._build(cfg.model.hf_checkpoint)
         # The DDP gradient buffer. (A distributed optimizer would move the parameters into this buffer too; they
@@ -288,6 +289,17 @@ class MegatronActor:
             sq += local if tp_split or self.tp_rank == 0 else 0.0
         torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())  # TP x PP
         return sq.sqrt().item()
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's training state: its Megatron shards and its optimizer state (plain tensors)."""
+        return {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.module.load_state_dict(state["model"], strict=True)
+        with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
+            self.optimizer.load_state_dict(state["optimizer"])
 
     # ---- weight export ---------------------------------------------------------------------------------
 
