@@ -47,7 +47,8 @@ def free_port() -> int:
 
 
 def run_ranks(nproc: int, script: str | Path, *args: str, timeout_s: int = 600) -> subprocess.CompletedProcess:
-    """Run a script under torchrun (nproc > 0) or as a plain process (nproc == 0), from the repo root."""
+    """Run a script (or `"-m", module`) under torchrun (nproc > 0) or as a plain process (nproc == 0), from the
+    repo root."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master-port", str(free_port()), str(script), *args]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, read_metrics, run_ranks
 
@@ -31,6 +32,18 @@ def test_resume_continues_where_the_checkpoint_stopped(tiny_model, letters_data,
     assert after["train/train_rollout_logprob_abs_diff"] <= 1e-5
     assert after["data/position"] == before[-1]["data/position"] + 4  # the next 4 prompts, not the first 4
     assert after["train/param_norm"] != before[-1]["train/param_norm"]
+
+    # The checkpoint exports as an HF model that transformers loads, holding exactly the trained weights: its
+    # parameter norm is the trainer's `train/param_norm` after step 2.
+    exported = tmp_path / "exported"
+    proc = run_ranks(2, "-m", "vime_spmd.tools.export_hf", "--out", str(exported), "--hf-checkpoint",
+                     str(tiny_model), "--load", str(ckpt))
+    assert proc.returncode == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    norm = torch.sqrt(sum(p.double().pow(2).sum() for p in model.parameters())).item()
+    assert norm == pytest.approx(before[-1]["train/param_norm"], rel=1e-9)
 
 
 def test_resuming_from_an_empty_folder_is_refused_before_any_work(tiny_model, letters_data, tmp_path):
