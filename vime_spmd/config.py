@@ -55,6 +55,9 @@ class RolloutConfig:
     overlong_buffer_len: int = opt(0, "DAPO overlong penalty: the last tokens before --rollout-max-response-len "
                                       "over which the penalty grows (0: off)")
     overlong_penalty_factor: float = opt(1.0, "DAPO overlong penalty at --rollout-max-response-len")
+    vllm_load_format: str = opt("auto", "the engine's first weights: auto (read from --hf-checkpoint) or dummy (not "
+                                        "read; the trainer's weights are synced in before the first rollout)",
+                                choices=["auto", "dummy"])
     vllm_kv_cache_bytes: int = opt(256 << 20, "KV-cache size per engine rank on CPU, in bytes")
     vllm_gpu_memory_utilization: float = opt(0.5, "fraction of device memory for vLLM on accelerators")
     vllm_enable_sleep_mode: bool = opt(True, "start the engine with vLLM sleep mode on accelerators, so that it hands "
@@ -198,7 +201,8 @@ PIPELINE_SIZES = (1, 2)  # pipeline stages the training backend is tested with
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Checks that need no file access: sizes, divisibility, and ranges. Raise ValueError naming the fix."""
+    """Checks that need no file access: sizes, divisibility, and ranges. Raise ValueError naming the fix.
+    Also resolves `--rm-type` (custom when `--custom-rm-path` is given, else math by default)."""
     p, r, t = cfg.parallel, cfg.rollout, cfg.train
     positive = {"--tensor-model-parallel-size": p.tensor_model_parallel_size,
                 "--rollout-num-gpus-per-engine": p.rollout_num_gpus_per_engine,

@@ -82,7 +82,9 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     try:
         if start_step:
             logger.info("resumed from %s at step %d", cfg.checkpoint.load, start_step)
-            step.prime_engine()  # the engine started from --hf-checkpoint: give it the checkpoint's weights
+        if start_step or cfg.rollout.vllm_load_format == "dummy":
+            # The engine holds the initial (or, with dummy, no) weights: give it the trainer's before any rollout.
+            step.prime_engine()
         c = cfg.checkpoint
         for i in range(start_step + 1, cfg.train.num_rollout + 1):
             record = step.run(i)

@@ -61,6 +61,19 @@ def test_three_grpo_steps(request, letters_data, tmp_path, nproc, tp, pp, engine
     assert records[0]["rollout/num_samples"] == 16  # 4 prompts x 4 samples gathered from every engine
 
 
+def test_engine_started_without_weights_gets_the_trainers_before_the_first_rollout(tiny_model, letters_data,
+                                                                                  tmp_path):
+    """`--vllm-load-format dummy`: the engine starts from random weights; the first sync happens before step 1,
+    so the very first rollout already agrees with the trainer."""
+    log_dir = tmp_path / "run"
+    proc = run_ranks(2, ROOT / "run.py", "--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data),
+                     "--num-rollout", "1", "--tensor-model-parallel-size", "2", "--rollout-num-gpus-per-engine", "2",
+                     "--vllm-load-format", "dummy", "--log-dir", str(log_dir), *COMMON)
+    assert proc.returncode == 0
+    (record,) = read_metrics(log_dir)
+    assert record["train/train_rollout_logprob_max_abs_diff"] <= 1e-4
+
+
 def test_kl_loss_against_reference(tiny_model, letters_data, tmp_path):
     """Single-process debug mode (`python run.py`, a world of one) with the KL loss on: the reference model
     equals the initial weights, so the KL is 0 at step 1 and grows once the policy moves."""

@@ -57,6 +57,7 @@ class RolloutEngine:
             max_model_len=r.rollout_max_prompt_len + r.rollout_max_response_len,
             logprobs_mode="processed_logprobs",  # log softmax(logits / T): what the trainer computes
             enable_prefix_caching=False,
+            load_format=r.vllm_load_format,
         )
         if layout.num_engines > 1:
             kwargs["data_parallel_size"] = layout.num_engines
@@ -91,7 +92,9 @@ class RolloutEngine:
         return samples
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the engine's weights in place with full HF-named tensors (partial sets are fine)."""
+        """Replace the engine's weights in place with full HF-named tensors. A call must hold every tensor of each
+        decoder layer it touches (vLLM processes a layer once per call); after a level-2 sleep every weight must be
+        sent (the sync always sends all)."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
 
