@@ -140,6 +140,7 @@ def main() -> None:
                         "--apply-chat-template", "--rm-type", "letter", "--num-rollout", str(args.steps),
                         "--rollout-batch-size", "16", "--n-samples-per-prompt", "4",
                         "--rollout-max-response-len", "64", "--micro-batch-size", "8", "--lr", "1e-5",
+                        "--vllm-load-format", "dummy",  # the engine gets every weight from the trainer
                         "--log-dir", str(work / "run"), *args.extra])
     records = train(cfg, prepare(cfg))
     if os.environ.get("RANK", "0") != "0":
