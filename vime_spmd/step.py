@@ -64,13 +64,12 @@ class RLStep:
                 self.sync.update(self.memory.load_weights)
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_kv()
-        data = {"data/position": float(self.dataset.position)}
         return {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics,
-                **data}
+                "data/position": float(self.dataset.position)}
 
     def prime_engine(self) -> None:
-        """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint),
-        through the same transitions a step uses."""
+        """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint, or
+        when the engine started with dummy weights), through the same transitions a step uses."""
         self.memory.engine_sleep()
         self.memory.train_wake()
         self.memory.train_sleep()
