@@ -16,8 +16,9 @@ COMMON = ["--apply-chat-template", "--rollout-batch-size", "4", "--n-samples-per
           "--num-rollout", "2"]
 
 ESTIMATOR_RUNS = {
-    "grpo-clip_higher-dual_clip-tis": ["--advantage-estimator", "grpo", "--eps-clip-high", "0.28",
-                                       "--eps-clip-c", "3", "--use-tis", "--tis-clip", "2"],
+    "grpo-clip_higher-dual_clip-tis-two_optimizer_steps": [
+        "--advantage-estimator", "grpo", "--eps-clip-high", "0.28", "--eps-clip-c", "3", "--use-tis",
+        "--tis-clip", "2", "--global-batch-size", "8"],  # 16 samples: two optimizer steps per rollout
     "dr_grpo-dynamic_sampling-overlong": ["--advantage-estimator", "grpo", "--disable-grpo-std-normalization",
                                           "--dynamic-sampling-filter-path", "check_reward_nonzero_std",
                                           "--over-sampling-batch-size", "6", "--overlong-buffer-len", "4",
@@ -43,6 +44,9 @@ def test_estimator_trains_with_exact_sync(name, tiny_model, letters_data, tmp_pa
         assert all(math.isfinite(r[k]) for k in ("train/pg_loss", "train/entropy_loss", "train/grad_norm"))
         assert r["train/grad_norm"] > 0
     assert records[0]["train/param_norm"] != records[1]["train/param_norm"]
+    if "two_optimizer_steps" in name:
+        # The second optimizer step of a rollout runs on weights the first one moved: its ratio is no longer 1.
+        assert all(abs(r["train/ppo_kl"]) > 1e-6 for r in records)
     if "overlong" in name:
         # Shaping only subtracts; dynamic sampling kept exactly the batch it needed.
         assert all(r["rollout/reward"] <= r["rollout/raw_reward"] + 1e-9 for r in records)
