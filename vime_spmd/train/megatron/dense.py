@@ -122,12 +122,14 @@ def _qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: M
     return torch.cat([t.unflatten(0, (groups, -1)) for t in (q, k, v)], dim=1).flatten(0, 1)
 
 
-def _qkv_to_hf(qkv: torch.Tensor, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, hd = shape.num_kv_heads, shape.head_dim
-    q_rows = (shape.num_heads // groups) * hd
-    q, k, v = qkv.unflatten(0, (groups, -1)).split([q_rows, hd, hd], dim=1)
-    # One dense copy each: the engine's loader copies strided sources several times slower.
-    return q.flatten(0, 1).contiguous(), k.flatten(0, 1).contiguous(), v.flatten(0, 1).contiguous()
+def _qkv_to_hf(pieces: list[torch.Tensor], shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v from the TP pieces of `linear_qkv` (each holds whole query groups): one dense copy each, made by
+    concatenating the pieces' group views directly (the engine's loader copies strided sources several times
+    slower, and concatenating the pieces first would copy twice)."""
+    hd = shape.head_dim
+    q_rows = (shape.num_heads // shape.num_kv_heads) * hd
+    split = [p.unflatten(0, (-1, q_rows + 2 * hd)).split([q_rows, hd, hd], dim=1) for p in pieces]
+    return tuple(torch.cat([s[i] for s in split], dim=0).flatten(0, 1) for i in range(3))
 
 
 def to_megatron(hf: dict[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
@@ -190,7 +192,7 @@ def to_hf(mname: str, shards: list[torch.Tensor], shape: ModelShape) -> Iterator
         yield h + hsuf, shards[0] if dim is None else _cat(shards, dim=dim)
     elif msuf in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
         kind = msuf.rpartition(".")[2]
-        q, k, v = _qkv_to_hf(_cat(shards, dim=0), shape)
+        q, k, v = _qkv_to_hf(shards, shape)
         yield from ((f"{h}self_attn.q_proj.{kind}", q), (f"{h}self_attn.k_proj.{kind}", k),
                     (f"{h}self_attn.v_proj.{kind}", v))
     elif msuf == "mlp.linear_fc1.weight":
