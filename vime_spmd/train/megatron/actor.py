@@ -14,7 +14,7 @@ named globally (`decoder.layers.{offset + i}`) wherever they leave this module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,16 +38,31 @@ from .vocab_parallel import logprobs_and_entropy
 logger = logging.getLogger(__name__)
 
 
-def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class LazyHFState(Mapping):
+    """An HF checkpoint's tensors by name, each read from its safetensors file only when asked for, so that a rank
+    holds its own shards rather than the whole model while converting."""
 
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"--hf-checkpoint {path}: no *.safetensors weights found; point it at an HF model folder")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"--hf-checkpoint {path}: no *.safetensors weights found; point it at an HF model folder")
+        self._files = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+        self._where = {name: handle for handle in self._files for name in handle.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_hf_state_dict(path: str) -> Mapping[str, torch.Tensor]:
+    return LazyHFState(path)
 
 
 class MegatronActor:

@@ -17,7 +17,7 @@ Both directions are exact (pure reshapes, copies, zero padding and its removal).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -132,7 +132,7 @@ def _qkv_to_hf(pieces: list[torch.Tensor], shape: ModelShape) -> tuple[torch.Ten
     return tuple(torch.cat([s[i] for s in split], dim=0).flatten(0, 1) for i in range(3))
 
 
-def to_megatron(hf: dict[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+def to_megatron(hf: Mapping[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
     """This TP rank's Megatron state dict from a full HF state dict; HF tensors it does not use raise ValueError."""
     used: set[str] = set()
 
@@ -165,7 +165,8 @@ def to_megatron(hf: dict[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp
     unused = sorted(set(hf) - used - ({"lm_head.weight"} if shape.tie_word_embeddings else set()))
     if unused:
         raise ValueError(f"--hf-checkpoint: tensors this model family does not use: {unused[:5]}")
-    return {k: v.contiguous() for k, v in out.items()}
+    # Clones: a chunk is a view that would keep the whole HF tensor alive; a rank keeps only its shards.
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
 # ---- Megatron shards -> full HF tensors ----------------------------------------------------------------------
