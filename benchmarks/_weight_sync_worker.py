@@ -24,7 +24,7 @@ def main(model_dir: str, tp: int, engine_tp: int, transport: str, repeats: int, 
     init_distributed(acc)
     from transformers import AutoConfig
 
-    layout = Layout(torch.distributed.get_rank(), torch.distributed.get_world_size(), tp, engine_tp)
+    layout = Layout.of_world(cfg.parallel)
     actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
     engine = RolloutEngine(cfg, acc, layout)
 

@@ -26,6 +26,14 @@ class Sample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
+def response_mask(samples: list[Sample], width: int) -> torch.Tensor:
+    """[len(samples), width]: 1.0 on each sample's response tokens, 0.0 on padding."""
+    mask = torch.zeros(len(samples), width)
+    for i, s in enumerate(samples):
+        mask[i, : len(s.response_ids)] = 1.0
+    return mask
+
+
 @dataclass
 class RolloutBatch:
     """A rollout's samples, groups contiguous: samples [g*n, (g+1)*n) answer prompt g."""
@@ -47,10 +55,7 @@ class RolloutBatch:
 
     def response_mask(self) -> torch.Tensor:
         """[B, R] 1.0 on response tokens, 0.0 on padding."""
-        mask = torch.zeros(len(self.samples), self.max_response_len)
-        for i, s in enumerate(self.samples):
-            mask[i, : len(s.response_ids)] = 1.0
-        return mask
+        return response_mask(self.samples, self.max_response_len)
 
     def rollout_logprobs(self) -> torch.Tensor:
         """[B, R] the engine's logprobs, 0.0 on padding."""

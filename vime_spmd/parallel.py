@@ -20,6 +20,15 @@ class Layout:
     engine_size: int
     pp_size: int = 1
 
+    @classmethod
+    def of_world(cls, parallel) -> "Layout":
+        """This rank's layout in the initialised torch.distributed world, from the config's `ParallelConfig`."""
+        import torch.distributed as dist
+
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                   tp_size=parallel.tensor_model_parallel_size, engine_size=parallel.rollout_num_gpus_per_engine,
+                   pp_size=parallel.pipeline_model_parallel_size)
+
     @property
     def dp_size(self) -> int:
         return self.world_size // (self.tp_size * self.pp_size)

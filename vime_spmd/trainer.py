@@ -53,14 +53,10 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     """Run `--num-rollout` steps; returns the per-step records (also written to metrics.jsonl)."""
     from transformers import AutoConfig
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     acc = select_accelerator(cfg.parallel.device)
     init_distributed(acc)
     torch.manual_seed(cfg.train.seed)
-    layout = Layout(rank=torch.distributed.get_rank(), world_size=world_size,
-                    tp_size=cfg.parallel.tensor_model_parallel_size,
-                    engine_size=cfg.parallel.rollout_num_gpus_per_engine,
-                    pp_size=cfg.parallel.pipeline_model_parallel_size)
+    layout = Layout.of_world(cfg.parallel)
     log = MetricsLog(cfg.log.log_dir, enabled=layout.rank == 0)
     if layout.rank == 0:
         dump(cfg, Path(cfg.log.log_dir) / "config.json")

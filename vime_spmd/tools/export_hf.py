@@ -46,10 +46,7 @@ def export(out: str, run_flags: list[str]) -> None:
 
     from ..train.megatron import MegatronActor
 
-    layout = Layout(rank=torch.distributed.get_rank(), world_size=world_size,
-                    tp_size=cfg.parallel.tensor_model_parallel_size,
-                    engine_size=cfg.parallel.rollout_num_gpus_per_engine,
-                    pp_size=cfg.parallel.pipeline_model_parallel_size)
+    layout = Layout.of_world(cfg.parallel)
     actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
     step = checkpoint.load(cfg.checkpoint.load, actor, _NoData(), layout)
     weights = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in actor.hf_weights()}

@@ -27,7 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from ...algorithms import aggregate, kl_penalty, policy_loss
-from ...batch import Sample, TrainInputs
+from ...batch import Sample, TrainInputs, response_mask
 from ...config import Config
 from ...device import Accelerator
 from .cpu_patches import apply_cpu_patches
@@ -224,7 +224,7 @@ class MegatronActor:
         out = torch.zeros(len(samples), width)
         for start, logp in zip(range(0, len(samples), mbs), parts):
             out[start : start + logp.size(0), : logp.size(1)] = logp.float().cpu()
-        return self._from_last_stage(out) * _mask(samples, width)
+        return self._from_last_stage(out) * response_mask(samples, width)
 
     # ---- training --------------------------------------------------------------------------------------
 
@@ -395,9 +395,3 @@ def global_name(model: torch.nn.Module, name: str) -> str:
     local, _, rest = name[len(_LAYERS):].partition(".")
     return f"{_LAYERS}{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
 
-
-def _mask(samples: list[Sample], width: int) -> torch.Tensor:
-    mask = torch.zeros(len(samples), width)
-    for i, s in enumerate(samples):
-        mask[i, : len(s.response_ids)] = 1.0
-    return mask
