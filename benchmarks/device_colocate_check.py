@@ -89,9 +89,9 @@ def instrument(observed: dict) -> None:
     memory.MemoryManager.train_sleep, memory.MemoryManager.train_wake = sleep_hook, wake_hook
     update = sync.WeightSync.update
 
-    def timed_update(self, load_bucket):
+    def timed_update(self, target):
         start = time.perf_counter()
-        stats = update(self, load_bucket)
+        stats = update(self, target)
         self.actor.acc.synchronize()
         observed.setdefault("update_s", []).append(time.perf_counter() - start)
         observed["sync_bytes"] = stats.num_bytes
@@ -100,7 +100,7 @@ def instrument(observed: dict) -> None:
         # Once (first step only, so later steps' perf/update_weights_time stays clean): the floor, the same bytes
         # copied once between buffers that already exist.
         tensors = [t.clone() for _, t in self.hf_weights()]
-        targets = [torch.empty_like(t) for t in tensors]
+        targets = [torch.zeros_like(t) for t in tensors]  # written once: no first-touch cost in the floor
         self.actor.acc.synchronize()
         start = time.perf_counter()
         for src, dst in zip(tensors, targets):

@@ -37,6 +37,10 @@ class ParallelConfig:
     weight_sync_transport: str = opt("auto", "how training shards reach the engines: shm (shared memory within a "
                                              "node), collective (process groups), or auto",
                                      choices=["auto", "shm", "collective"])
+    weight_sync_format: str = opt("auto", "how weights enter the engine: direct (each engine rank copies its own "
+                                          "share into the engine's tensors), reload (full HF tensors through "
+                                          "vLLM's reload_weights), or auto (direct on CPU and CUDA, reload on NPU)",
+                                  choices=["auto", "direct", "reload"])
     update_weight_buffer_size: int = opt(512 << 20, "bytes of weights handed to the engine per call during sync")
 
 

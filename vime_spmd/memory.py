@@ -22,7 +22,8 @@ Engine sleep level 2, not 1: level 1 copies the engine's weights to host at ever
 only for the sync to overwrite them; level 2 discards them (vLLM keeps buffers such as rotary caches itself). After
 a wake the trainer is the only source of the weights: nothing is reloaded from disk, and stale weights cannot
 survive unnoticed, because `engine_wake_kv` is refused until `load_weights` ran. The sync must therefore send every
-weight (the actor sends full HF tensors of all its parameters).
+weight: the reload sync sends full HF tensors of all parameters; the direct sync (`write_weights`, same rule)
+checks that it wrote every element of every engine tensor.
 
 Process groups: NCCL and HCCL allocate their communicators' buffers themselves, not through torch's allocator
 (the only allocations a region captures: torch's pluggable allocator on CUDA; aclrtMallocAlign32, torch_npu's
@@ -210,15 +211,23 @@ class MemoryManager:
         self._read("after_engine_wake_weights")
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """The only way weights reach the engine during a run: refused unless its weights are awake. The sync
-        calls it once per bucket, between `engine_wake_weights` and `engine_wake_kv`."""
-        self._require(self.engine_state in ("weights", "loaded"), f"load_weights: the engine is "
+        """The reload sync's way into the engine: refused unless its weights are awake. The sync calls it once per
+        bucket, between `engine_wake_weights` and `engine_wake_kv`."""
+        self._into_engine("load_weights", lambda: self.engine.load_weights(named_tensors))
+
+    def write_weights(self, writes: list) -> dict[str, int]:
+        """The direct sync's way into the engine (its own shares written in place), under the same rule."""
+        return self._into_engine("write_weights", lambda: self.engine.write_weights(writes))
+
+    def _into_engine(self, what: str, load: Callable[[], object]):
+        self._require(self.engine_state in ("weights", "loaded"), f"{what}: the engine is "
                       f"{self.engine_state}, its weights not awake; call engine_wake_weights first")
-        self.engine.load_weights(named_tensors)
+        result = load()
         if self.enabled:
             empty_cache_and_sync(self.device)  # the all-gathered shards of the sync
         self.engine_state = "loaded"
         self._read("after_update_weights")
+        return result
 
     def engine_wake_kv(self) -> None:
         self._require(self.engine_state == "loaded", "engine_wake_kv: the new weights are not loaded "

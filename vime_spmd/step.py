@@ -61,7 +61,7 @@ class RLStep:
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_weights()
             with timer.span("perf/update_weights_time"):
-                self.sync.update(self.memory.load_weights)
+                self.sync.update(self.memory)
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_kv()
         return {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics,
@@ -74,7 +74,7 @@ class RLStep:
         self.memory.train_wake()
         self.memory.train_sleep()
         self.memory.engine_wake_weights()
-        self.sync.update(self.memory.load_weights)
+        self.sync.update(self.memory)
         self.memory.engine_wake_kv()
         self.memory.metrics()  # these readings belong to no step
 

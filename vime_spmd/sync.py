@@ -6,6 +6,16 @@ the training tensor-parallel group as it is produced), grouped into buckets of a
 whole decoder layers (a layer larger than that forms its own bucket: the engine must get a layer in one call),
 and each bucket is handed to the engine in one call. The peak
 extra memory is one bucket, not one model.
+
+Two formats (`--weight-sync-format`):
+- "direct": each engine rank copies its own share of every parameter (its tensor-parallel slice, in the
+  engine's fused layouts: q/k/v in one tensor, gate/up in one) from the training pieces straight into the
+  engine's tensors: one copy of exactly the bytes the engine rank holds, no full HF tensor built. Needs engine
+  tensors that are what the kernels read (true for unquantized models on CUDA, and on CPU once the engine keeps
+  plain weights instead of oneDNN-packed ones: `rollout/vllm_patches.py`).
+- "reload": full HF tensors through vLLM's `reload_weights` (its loader slices them and re-runs its
+  after-load processing). Slower, but makes no assumption about the engine's kernels: the choice for Ascend,
+  where vllm-ascend may convert weights after loading.
 """
 
 from __future__ import annotations
@@ -24,6 +34,54 @@ class SyncStats:
     num_buckets: int = 0
     num_bytes: int = 0
     max_bucket_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class EngineTensor:
+    """What the direct sync needs to know of one engine tensor (reported by the engine)."""
+
+    shape: tuple[int, ...]
+    vocab_rows: tuple[int, int] | None = None  # for vocabulary-split tensors: the vocab rows this rank holds
+
+
+@dataclass(frozen=True)
+class Write:
+    """Copy `src` into engine tensor `name` at `start` along `dim` (rows for dim 0, where `src` may carry extra
+    dims that the rows flatten, e.g. [groups, heads, head_dim, hidden]); `src=None` zeroes `count` rows."""
+
+    name: str
+    dim: int
+    start: int
+    src: torch.Tensor | None
+    count: int = 0
+
+    @property
+    def num_bytes(self) -> int:
+        return 0 if self.src is None else self.src.numel() * self.src.element_size()
+
+
+def apply_write(dst: torch.Tensor, w: Write) -> int:
+    """Do one write into `dst`; returns the number of elements written."""
+    row = dst.numel() // dst.shape[w.dim]  # elements per index of `dim`
+    if w.src is None:
+        dst.narrow(w.dim, w.start, w.count).zero_()
+        return w.count * row
+    region = dst.narrow(w.dim, w.start, w.src.numel() // row)
+    region.view(w.src.shape).copy_(w.src) if w.dim == 0 else region.copy_(w.src)
+    return w.src.numel()
+
+
+FORMATS = ("auto", "direct", "reload")
+
+
+def choose_format(requested: str, device_kind: str) -> str:
+    """`auto`: direct on CPU and CUDA; reload on Ascend, where the engine's tensors may not be what its kernels
+    read after loading (vllm-ascend can convert weight formats once loaded), so only its own loader may write."""
+    if requested not in FORMATS:
+        raise ValueError(f"--weight-sync-format {requested!r}: choose one of {', '.join(FORMATS)}")
+    if requested == "auto":
+        return "reload" if device_kind == "npu" else "direct"
+    return requested
 
 
 def engine_unit(hf_name: str) -> str:
@@ -114,8 +172,9 @@ TRANSPORTS = ("auto", "shm", "collective")
 
 def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool) -> str:
     """`auto`: shm when every rank of this rank's training replica shares its node and the tensors are on the
-    CPU, else collective. `shm` can be forced on CUDA, where the shared arenas are device buffers mapped through
-    CUDA IPC handles: written for, but not yet run on, a GPU, which is why `auto` does not pick it there."""
+    CPU, else collective. `shm` can be forced on CUDA and Ascend, where the shared arenas are device buffers mapped
+    through IPC handles: written for, but not yet run on, either device, which is why `auto` does not pick it
+    there."""
     if requested not in TRANSPORTS:
         raise ValueError(f"--weight-sync-transport {requested!r}: choose one of {', '.join(TRANSPORTS)}")
     if requested == "collective":
@@ -125,9 +184,6 @@ def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool
     if not replica_on_one_node:
         raise ValueError("--weight-sync-transport shm is not possible here: the training replica spans nodes; "
                          "use auto or collective")
-    if device_kind not in ("cpu", "cuda"):
-        raise ValueError(f"--weight-sync-transport shm is not possible here: sharing {device_kind} tensors "
-                         "between processes (IPC handles) is not implemented; use auto or collective")
     return "shm"
 
 
@@ -162,17 +218,18 @@ class ShmArena:
         self.unlink()
 
 
-class CudaIpcArena(ShmArena):
-    """A rank's device buffer, mapped by the other processes of its node through a CUDA IPC handle
-    (`torch.multiprocessing.reductions.reduce_tensor`). `share_info` is the picklable handle."""
+class DeviceIpcArena(ShmArena):
+    """A rank's device buffer, mapped by the other processes of its node through an IPC handle: torch's
+    `reduce_tensor` (CUDA IPC), which torch_npu (2.10) replaces on import with its own for NPU tensors. Looked up
+    at call time for that reason. `share_info` is the picklable handle."""
 
     def __init__(self, num_bytes: int, device: torch.device, handle=None) -> None:
-        from torch.multiprocessing.reductions import reduce_tensor
+        from torch.multiprocessing import reductions
 
         self.path, self.owner = None, handle is None
         if handle is None:
             self.bytes = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
-            self.share_info = reduce_tensor(self.bytes)
+            self.share_info = reductions.reduce_tensor(self.bytes)
         else:
             rebuild, args = handle
             self.bytes = rebuild(*args)
@@ -199,8 +256,8 @@ class ShmExchange:
             self.own = ShmArena(offset, f"/dev/shm/vime-{job_id}-rank{rank}", create=True)
             open_peer = lambda info, num_bytes: ShmArena(num_bytes, info, create=False)  # noqa: E731
         else:
-            self.own = CudaIpcArena(offset, device)
-            open_peer = lambda info, num_bytes: CudaIpcArena(num_bytes, device, handle=info)  # noqa: E731
+            self.own = DeviceIpcArena(offset, device)
+            open_peer = lambda info, num_bytes: DeviceIpcArena(num_bytes, device, handle=info)  # noqa: E731
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (coords, rank, self.own.share_info, offset, index))
         self.peers: dict[tuple[int, int], tuple[ShmArena, dict]] = {}
@@ -240,9 +297,11 @@ class ShmExchange:
         dist.barrier()  # nobody rewrites its arena while a peer may still read it
 
     def _synchronize(self) -> None:
-        """Device copies are asynchronous: finish them before telling the peers (CUDA only)."""
+        """Device copies are asynchronous: finish them before telling the peers."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        elif self.device.type == "npu":
+            torch.npu.synchronize(self.device)  # type: ignore[attr-defined]
 
     def close(self) -> None:
         for arena, _ in self.peers.values():
@@ -252,15 +311,21 @@ class ShmExchange:
 
 
 class WeightSync:
-    """The whole update: trainer shards -> HF tensors -> buckets -> engine, over the chosen transport."""
+    """The whole update: trainer shards -> (engine shares | HF tensors) -> engine, over the chosen transport."""
 
-    def __init__(self, actor, acc_kind: str, transport: str, buffer_size_bytes: int) -> None:
+    def __init__(self, actor, acc_kind: str, transport: str, buffer_size_bytes: int, sync_format: str = "reload",
+                 engine_tensors: dict[str, EngineTensor] | None = None, engine_rank: int = 0,
+                 engine_size: int = 1) -> None:
         import socket
         import uuid
 
         import torch.distributed as dist
 
         self.actor, self.buffer_size_bytes = actor, buffer_size_bytes
+        self.format = choose_format(sync_format, acc_kind)
+        if self.format == "direct" and engine_tensors is None:
+            raise ValueError("the direct weight sync needs the engine's tensors (engine_tensors)")
+        self.engine_tensors, self.engine_rank, self.engine_size = engine_tensors, engine_rank, engine_size
         coords = actor.coords()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (coords, socket.gethostname()))
@@ -274,15 +339,56 @@ class WeightSync:
             self.exchange = ShmExchange(actor.shards(), coords, actor.tp_size, actor.pp_size, job_id[0],
                                         actor.acc.torch_device)
 
-    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """(Megatron name, TP pieces) of every parameter of the model, on every rank."""
         if self.exchange is None:
-            yield from self.actor.hf_weights()
-            return
-        for name, pieces in self.exchange.pieces():
+            return self.actor.gathered_pieces()
+        return self.exchange.pieces()
+
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, pieces in self.pieces():
             yield from self.actor.to_hf(name, pieces)
 
-    def update(self, load_bucket: Callable[[NamedTensors], None]) -> SyncStats:
-        return sync_weights(self.hf_weights(), load_bucket, self.buffer_size_bytes)
+    def update(self, target) -> SyncStats:
+        """Load the trainer's weights into the engine through `target` (the memory manager, or the engine
+        itself): `write_weights(writes)` per bucket (direct) or `load_weights(named_tensors)` (reload)."""
+        if self.format == "reload":
+            return sync_weights(self.hf_weights(), target.load_weights, self.buffer_size_bytes)
+        return self._update_direct(target.write_weights)
+
+    def _update_direct(self, write: Callable[[list[Write]], dict[str, int]]) -> SyncStats:
+        stats, written = SyncStats(), dict.fromkeys(self.engine_tensors, 0)
+        bucket: list[Write] = []
+        bucket_bytes = 0
+
+        def flush() -> None:
+            nonlocal bucket, bucket_bytes
+            for name, n in write(bucket).items():
+                written[name] += n
+            stats.num_buckets += 1
+            stats.num_tensors += len(bucket)
+            stats.num_bytes += bucket_bytes
+            stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket_bytes)
+            bucket, bucket_bytes = [], 0
+
+        # Sources are views of the training pieces (shm arenas, or gathered copies): the bucket bounds how many
+        # gathered pieces are alive at once; arena views cost nothing.
+        for name, pieces in self.pieces():
+            writes = self.actor.to_engine(name, pieces, self.engine_rank, self.engine_size, self.engine_tensors)
+            bucket += writes
+            bucket_bytes += sum(w.num_bytes for w in writes)
+            if bucket_bytes >= self.buffer_size_bytes:
+                flush()
+        if bucket:
+            flush()
+        # Every element of every engine tensor is written each sync: after a level-2 sleep nothing else is there.
+        wrong = {n: (got, torch.Size(self.engine_tensors[n].shape).numel()) for n, got in written.items()
+                 if got != torch.Size(self.engine_tensors[n].shape).numel()}
+        if wrong:
+            raise RuntimeError("direct weight sync did not write each engine tensor exactly once (elements written, "
+                               f"expected): {dict(list(wrong.items())[:5])}; use --weight-sync-format reload and "
+                               "report this model")
+        return stats
 
     def close(self) -> None:
         if self.exchange is not None:

@@ -16,7 +16,7 @@ from .memory import MemoryManager
 from .metrics import MetricsLog, StepTimer
 from .parallel import Layout
 from .step import RLStep
-from .sync import WeightSync
+from .sync import WeightSync, choose_format
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,14 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint), memory=memory)
     start_step = checkpoint.load(cfg.checkpoint.load, actor, dataset, layout) if cfg.checkpoint.load else 0
     # The trainer pauses before the engine starts, so that vLLM sizes its KV cache against what is then free.
-    engine = memory.start_engine(lambda: RolloutEngine(cfg, acc, layout), cfg.rollout.vllm_gpu_memory_utilization)
-    sync = WeightSync(actor, acc.kind, cfg.parallel.weight_sync_transport, cfg.parallel.update_weight_buffer_size)
-    logger.info("weight sync: %s transport, buckets of %d MiB", sync.transport,
-                cfg.parallel.update_weight_buffer_size >> 20)
+    p = cfg.parallel
+    sync_format = choose_format(p.weight_sync_format, acc.kind)
+    engine = memory.start_engine(lambda: RolloutEngine(cfg, acc, layout, direct_sync=sync_format == "direct"),
+                                 cfg.rollout.vllm_gpu_memory_utilization)
+    sync = WeightSync(actor, acc.kind, p.weight_sync_transport, p.update_weight_buffer_size, sync_format,
+                      engine.tensors() if sync_format == "direct" else None, layout.engine_rank, layout.engine_size)
+    logger.info("weight sync: %s format, %s transport, buckets of %d MiB", sync.format, sync.transport,
+                p.update_weight_buffer_size >> 20)
     step = RLStep(cfg, layout, dataset, actor, engine, memory, sync, lambda: StepTimer(acc))
     records = []
     try:

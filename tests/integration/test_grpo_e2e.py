@@ -33,20 +33,20 @@ def check_steps(records: list[dict], num_steps: int) -> None:
     assert all(abs(a - b) > 1e-6 for a, b in zip(norms, norms[1:])), f"weights did not change: {norms}"
 
 
-LAYOUTS = [  # ranks, train TP, train PP, engine TP, transport, model family
-    (2, 2, 1, 2, "shm", "qwen3"),
-    (2, 1, 1, 1, "collective", "qwen3"),  # training data parallel 2, two engines
-    (2, 2, 1, 1, "shm", "qwen2"),
-    (2, 1, 1, 2, "collective", "llama"),
-    (2, 1, 2, 1, "shm", "qwen3"),  # pipeline of two stages, each rank its own engine
-    (4, 2, 2, 2, "shm", "llama"),  # TP2 x PP2 on 4 ranks, two engines of TP2
-    (4, 4, 1, 2, "shm", "qwen3_kv4"),  # TP4 training, two engines of TP2
+LAYOUTS = [  # ranks, train TP, train PP, engine TP, transport, sync format, model family
+    (2, 2, 1, 2, "shm", "direct", "qwen3"),
+    (2, 1, 1, 1, "collective", "reload", "qwen3"),  # training data parallel 2, two engines
+    (2, 2, 1, 1, "shm", "direct", "qwen2"),
+    (2, 1, 1, 2, "collective", "reload", "llama"),
+    (2, 1, 2, 1, "shm", "direct", "qwen3"),  # pipeline of two stages, each rank its own engine
+    (4, 2, 2, 2, "shm", "direct", "llama"),  # TP2 x PP2 on 4 ranks, two engines of TP2
+    (4, 4, 1, 2, "shm", "direct", "qwen3_kv4"),  # TP4 training, two engines of TP2
 ]
 
 
-@pytest.mark.parametrize("nproc,tp,pp,engine,transport,family", LAYOUTS,
-                         ids=[f"{n}ranks-train_tp{t}pp{p}-engine_tp{e}-{x}-{f}" for n, t, p, e, x, f in LAYOUTS])
-def test_three_grpo_steps(request, letters_data, tmp_path, nproc, tp, pp, engine, transport, family):
+@pytest.mark.parametrize("nproc,tp,pp,engine,transport,sync_format,family", LAYOUTS,
+                         ids=[f"{n}ranks-train_tp{t}pp{p}-engine_tp{e}-{x}-{s}-{f}" for n, t, p, e, x, s, f in LAYOUTS])
+def test_three_grpo_steps(request, letters_data, tmp_path, nproc, tp, pp, engine, transport, sync_format, family):
     model = request.getfixturevalue({"qwen3": "tiny_model", "qwen2": "tiny_model_qwen2",
                                      "llama": "tiny_model_llama", "qwen3_kv4": "tiny_model_kv4"}[family])
     log_dir = tmp_path / "run"
@@ -54,6 +54,7 @@ def test_three_grpo_steps(request, letters_data, tmp_path, nproc, tp, pp, engine
                      "--num-rollout", "3", "--tensor-model-parallel-size", str(tp),
                      "--pipeline-model-parallel-size", str(pp),
                      "--rollout-num-gpus-per-engine", str(engine), "--weight-sync-transport", transport,
+                     "--weight-sync-format", sync_format,
                      "--update-weight-buffer-size", str(256 << 10), "--log-dir", str(log_dir), *COMMON)
     assert proc.returncode == 0
     records = read_metrics(log_dir)

@@ -82,6 +82,11 @@ class FakeEngine:
         self.loaded += list(named_tensors)
         self.log.append("engine:load")
 
+    def write_weights(self, writes) -> dict[str, int]:
+        self.loaded += list(writes)
+        self.log.append("engine:write")
+        return {w: 1 for w in writes}
+
 
 def make(kind: str = "cuda", **kw):
     log: list[str] = []
@@ -171,6 +176,22 @@ def test_weights_loaded_before_the_weights_woke_are_refused():
     with pytest.raises(OrderError, match="call engine_wake_weights first"):
         memory.load_weights([("w", torch.zeros(1))])
     assert engine.loaded == []
+
+
+def test_direct_writes_follow_the_same_rule_as_loads():
+    memory, device, log, engine = started()
+    memory.engine_sleep()
+    memory.train_wake()
+    memory.train_sleep()
+    with pytest.raises(OrderError, match="write_weights: .*call engine_wake_weights first"):
+        memory.write_weights(["w"])
+    assert engine.loaded == []
+    memory.engine_wake_weights()
+    assert memory.write_weights(["a", "b"]) == {"a": 1, "b": 1}  # the engine's count of what it wrote comes back
+    memory.engine_wake_kv()  # written weights count as loaded
+    with pytest.raises(OrderError, match="write_weights"):
+        memory.write_weights(["c"])
+    assert engine.loaded == ["a", "b"]
 
 
 def test_kv_cache_woken_before_the_weights_were_loaded_is_refused():

@@ -52,9 +52,11 @@ def test_non_positive_buffer_is_refused():
     ("auto", "cpu", True, "shm"),
     ("auto", "cpu", False, "collective"),   # a replica across nodes: only process groups reach it
     ("auto", "cuda", True, "collective"),   # CUDA IPC arenas: not yet run on a GPU, so only when forced
+    ("auto", "npu", True, "collective"),    # NPU IPC arenas (torch_npu's reduce_tensor): likewise
     ("collective", "cpu", True, "collective"),
     ("shm", "cpu", True, "shm"),
     ("shm", "cuda", True, "shm"),
+    ("shm", "npu", True, "shm"),
 ])
 def test_transport_choice(requested, device, one_node, expected):
     from vime_spmd.sync import choose_transport
@@ -62,7 +64,7 @@ def test_transport_choice(requested, device, one_node, expected):
     assert choose_transport(requested, device, one_node) == expected
 
 
-@pytest.mark.parametrize("device,one_node,why", [("cpu", False, "spans nodes"), ("npu", True, "not implemented")])
+@pytest.mark.parametrize("device,one_node,why", [("cpu", False, "spans nodes"), ("npu", False, "spans nodes")])
 def test_forcing_shm_where_it_cannot_work_names_the_flag_and_reason(device, one_node, why):
     from vime_spmd.sync import choose_transport
 
@@ -85,3 +87,23 @@ def test_buckets_never_split_a_decoder_layer():
     assert [[n.split(".")[-2] for n, _ in g] for g in groups] == [
         ["embed_tokens"], ["q_proj", "k_proj", "q_proj"], ["gate_proj", "up_proj"], ["norm"]]
     assert engine_unit("model.layers.12.mlp.down_proj.weight") == "model.layers.12"
+
+
+@pytest.mark.parametrize("requested,device,expected", [
+    ("auto", "cpu", "direct"),
+    ("auto", "cuda", "direct"),
+    ("auto", "npu", "reload"),  # vllm-ascend may convert weights after loading: only its loader writes them
+    ("direct", "npu", "direct"),
+    ("reload", "cpu", "reload"),
+])
+def test_format_choice(requested, device, expected):
+    from vime_spmd.sync import choose_format
+
+    assert choose_format(requested, device) == expected
+
+
+def test_unknown_format_names_the_flag_and_the_choices():
+    from vime_spmd.sync import choose_format
+
+    with pytest.raises(ValueError, match="--weight-sync-format 'fast': choose one of auto, direct, reload"):
+        choose_format("fast", "cpu")

@@ -1,4 +1,4 @@
-"""The in-process vLLM engine: the only module that imports vllm.
+"""The in-process vLLM engine: with `vllm_patches.py`, the only modules that import vllm.
 
 Every rank builds an `LLM` with `distributed_executor_backend="external_launcher"`: the ranks of one engine form
 its tensor-parallel group inside the existing torch.distributed world, and the engines are vLLM data-parallel
@@ -25,6 +25,7 @@ from ..batch import Sample
 from ..config import Config
 from ..device import Accelerator
 from ..parallel import Layout
+from ..sync import EngineTensor, Write, apply_write
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,12 @@ def _guard_process_state():
 
 
 class RolloutEngine:
-    def __init__(self, cfg: Config, acc: Accelerator, layout: Layout) -> None:
+    def __init__(self, cfg: Config, acc: Accelerator, layout: Layout, direct_sync: bool = False) -> None:
+        """`direct_sync`: the weight sync will write the engine's tensors itself (`write_weights`); on CPU the
+        engine then keeps plain weights for its linear layers (see `vllm_patches.plain_cpu_linear_weights`)."""
         from vllm import LLM
+
+        from .vllm_patches import plain_cpu_linear_weights
 
         r = cfg.rollout
         kwargs = dict(
@@ -69,9 +74,11 @@ class RolloutEngine:
         if acc.kind == "npu":
             # ACL graphs capture weight addresses at start; weight updates must not be read through stale ones.
             kwargs["enforce_eager"] = True
-        with _guard_process_state():
+        plain_weights = plain_cpu_linear_weights() if direct_sync and acc.kind == "cpu" else contextlib.nullcontext()
+        with _guard_process_state(), plain_weights:
             self.llm = LLM(**kwargs)
         self.cfg = cfg
+        self._tensors: dict[str, torch.Tensor] | None = None
 
     def generate(self, prompts: list[list[int]], labels: list[str]) -> list[Sample]:
         """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs."""
@@ -97,6 +104,40 @@ class RolloutEngine:
         sent (the sync always sends all)."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
+
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's engine parameters by name (the live tensors; sleep and wake keep their addresses)."""
+        if self._tensors is None:
+            self._tensors = self.llm.apply_model(lambda model: dict(model.named_parameters()))[0]
+        return self._tensors
+
+    def tensors(self) -> dict[str, EngineTensor]:
+        """Shape (and vocabulary rows, for vocabulary-split tensors) of each of this rank's engine tensors: what
+        the direct sync computes its writes from. Raises when a tensor has no storage of its own to write into."""
+        def describe(model) -> dict[str, EngineTensor]:
+            out = {}
+            for name, param in model.named_parameters():
+                module = model.get_submodule(name.rpartition(".")[0])
+                shard = getattr(module, "shard_indices", None)  # vocab-parallel embedding and LM head
+                rows = (shard.org_vocab_start_index, shard.org_vocab_end_index) if shard is not None else None
+                out[name] = EngineTensor(tuple(param.shape), rows)
+            return out
+
+        described = self.llm.apply_model(describe)[0]
+        empty = [name for name, t in described.items() if 0 in t.shape]
+        if empty:
+            raise RuntimeError(f"the engine keeps no plain weights for {empty[:3]} (its kernels hold packed copies), "
+                               "so the direct weight sync cannot write them; use --weight-sync-format reload")
+        return described
+
+    def write_weights(self, writes: list[Write]) -> dict[str, int]:
+        """Do the direct sync's writes into this rank's engine tensors; returns elements written per tensor."""
+        tensors, written = self._own_tensors(), {}
+        with torch.no_grad():
+            for w in writes:
+                written[w.name] = written.get(w.name, 0) + apply_write(tensors[w.name], w)
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+        return written
 
     def sleep(self, level: int) -> None:
         """Free the KV cache and weights (accelerators, sleep mode). Level 1 copies the weights to host, level 2

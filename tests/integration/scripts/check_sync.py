@@ -12,6 +12,16 @@ from vime_spmd.sync import WeightSync
 from vime_spmd.train.megatron import MegatronActor
 
 
+class Collect:
+    """Stands in for the engine: keeps copies of what the reload sync hands over."""
+
+    def __init__(self, got: dict) -> None:
+        self.got = got
+
+    def load_weights(self, bucket) -> None:
+        self.got.update({k: v.clone() for k, v in bucket})
+
+
 def main(model_dir: str, tp: int, transport: str, out: str) -> None:
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp)])
@@ -25,7 +35,7 @@ def main(model_dir: str, tp: int, transport: str, out: str) -> None:
     for round_ in range(2):
         expected = {k: v.clone() for k, v in actor.hf_weights()}
         got = {}
-        stats = sync.update(lambda bucket: got.update({k: v.clone() for k, v in bucket}))
+        stats = sync.update(Collect(got))
         num_buckets.append(stats.num_buckets)
         mismatches += [f"{round_}:{k}" for k in expected if k not in got or not torch.equal(got[k], expected[k])]
         with torch.no_grad():  # change every weight before the second round

@@ -356,11 +356,17 @@ class MegatronActor:
         torch.distributed.all_gather_object(plan, mine, group=self.pp_group)
         return plan
 
+    def to_engine(self, name: str, pieces: list[torch.Tensor], engine_rank: int, engine_size: int,
+                  engine_tensors: dict) -> list:
+        """The writes of engine rank `engine_rank`'s share of one Megatron parameter (see `dense.to_engine`)."""
+        return self.family.to_engine(name, pieces, self.shape, engine_rank, engine_size, engine_tensors)
+
     @torch.no_grad()
-    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF-named tensors of the whole model on every rank, one parameter at a time: TP shards are
-        all-gathered over the TP group; with stages, each parameter's pieces are then broadcast from its stage over
-        the pipeline group, stage after stage (never more than one parameter held)."""
+    def gathered_pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """(global Megatron name, TP pieces in rank order) of every parameter of the whole model on every rank, one
+        parameter at a time: TP shards are all-gathered over the TP group; with stages, each parameter's pieces are
+        then broadcast from its stage over the pipeline group, stage after stage (never more than one parameter
+        held)."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         params = {name: p for name, p, _ in self.own_params()}
         for stage, entries in enumerate(self.export_plan):
@@ -377,7 +383,12 @@ class MegatronActor:
                                torch.empty((num_pieces, *shape), dtype=dtype, device=self.acc.torch_device))
                     torch.distributed.broadcast(stacked, src=self.pp_ranks[stage], group=self.pp_group)
                     pieces = list(stacked.unbind(0))
-                yield from self.family.to_hf(name, pieces, self.shape)
+                yield name, pieces
+
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors of the whole model on every rank, one parameter at a time."""
+        for name, pieces in self.gathered_pieces():
+            yield from self.family.to_hf(name, pieces, self.shape)
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()

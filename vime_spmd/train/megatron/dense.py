@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from ...sync import EngineTensor, Write
 from .model import ModelShape, padded_vocab_size
 
 _LAYER_SIMPLE = {  # Megatron suffix -> (HF suffix, TP split dim or None when replicated)
@@ -202,3 +203,81 @@ def to_hf(mname: str, shards: list[torch.Tensor], shape: ModelShape) -> Iterator
         yield h + "mlp.up_proj.weight", _cat(list(ups), dim=0)
     else:
         raise KeyError(f"no HF name for Megatron parameter {mname!r} (dense decoder conversion)")
+
+
+# ---- Megatron shards -> one engine rank's own tensors (the direct sync) --------------------------------------
+#
+# The engine (vLLM) keeps per tensor-parallel rank e of E: `qkv_proj` = [its q heads | its kv heads (k) | (v)],
+# kv heads replicated when E exceeds their number; `gate_up_proj` = [gate_e; up_e]; `o_proj`, `down_proj` split
+# on the input dim; the vocabulary split into the row ranges the engine reports (`EngineTensor.vocab_rows`),
+# rows past the real vocabulary zero. Each `Write` below copies one view of a training piece into its place, so
+# an engine rank reads exactly its share, once, without building a full tensor.
+
+_ENGINE_FUSED = {"self_attention.linear_qkv": "self_attn.qkv_proj", "mlp.linear_fc1": "mlp.gate_up_proj"}
+
+
+def _ranges(size: int, num_parts: int) -> list[tuple[int, int]]:
+    per = size // num_parts
+    return [(i * per, (i + 1) * per) for i in range(num_parts)]
+
+
+def _overlaps(pieces: list[torch.Tensor], size: int, want: tuple[int, int]) -> Iterator[tuple[int, int, int, int]]:
+    """(piece index, offset in the piece, offset in `want`, length) of each piece's part of the index range
+    `want` of a dimension of `size` split evenly over the pieces."""
+    for t, (lo, hi) in enumerate(_ranges(size, len(pieces))):
+        a, b = max(lo, want[0]), min(hi, want[1])
+        if a < b:
+            yield t, a - lo, a - want[0], b - a
+
+
+def _qkv_writes(name: str, pieces: list[torch.Tensor], shape: ModelShape, rank: int, size: int) -> list[Write]:
+    hd, groups = shape.head_dim, shape.num_kv_heads
+    per_group = shape.num_heads // groups
+    heads = shape.num_heads // size  # q heads of this engine rank
+    first_head = rank * heads
+    g_lo, g_hi = first_head // per_group, -(-(first_head + heads) // per_group)  # its query (and kv) groups
+    w_lo = first_head - g_lo * per_group if g_hi - g_lo == 1 else 0  # its heads inside a group, when a part
+    w_hi = w_lo + min(heads, per_group)
+    k_start, v_start = heads * hd, (heads + g_hi - g_lo) * hd
+    writes = []
+    for t, in_piece, in_want, n in _overlaps(pieces, groups, (g_lo, g_hi)):
+        grouped = pieces[t].unflatten(0, (-1, per_group + 2, hd))[in_piece: in_piece + n]
+        writes += [Write(name, 0, in_want * (w_hi - w_lo) * hd, grouped[:, w_lo:w_hi]),
+                   Write(name, 0, k_start + in_want * hd, grouped[:, per_group]),
+                   Write(name, 0, v_start + in_want * hd, grouped[:, per_group + 1])]
+    return writes
+
+
+def to_engine(mname: str, pieces: list[torch.Tensor], shape: ModelShape, rank: int, size: int,
+              engine: Mapping[str, EngineTensor]) -> list[Write]:
+    """The writes that put engine rank `rank` (of `size`) of the Megatron parameter `mname` (its TP pieces in
+    rank order, one piece when replicated) into the engine's tensors (`engine`: name -> EngineTensor)."""
+    if mname in _VOCAB:
+        name = _VOCAB[mname]
+        lo, hi = engine[name].vocab_rows
+        writes = [Write(name, 0, at, pieces[t].narrow(0, off, n))
+                  for t, off, at, n in _overlaps(pieces, shape.padded_vocab_size, (lo, hi))]
+        rows = engine[name].shape[0]
+        return writes + ([Write(name, 0, hi - lo, None, rows - (hi - lo))] if rows > hi - lo else [])
+    if mname == _FINAL_NORM[0]:
+        return [Write(_FINAL_NORM[1], 0, 0, pieces[0])]
+    _, _, suffix = mname.partition(".layers.")
+    layer, _, msuf = suffix.partition(".")
+    h = f"model.layers.{layer}."
+    if msuf in _LAYER_SIMPLE:
+        hsuf, dim = _LAYER_SIMPLE[msuf]
+        if dim is None:
+            return [Write(h + hsuf, 0, 0, pieces[0])]
+        cols = pieces[0].shape[1] * len(pieces)
+        want = _ranges(cols, size)[rank]
+        return [Write(h + hsuf, 1, at, pieces[t].narrow(1, off, n)) for t, off, at, n in _overlaps(pieces, cols, want)]
+    module, _, kind = msuf.rpartition(".")
+    if module == "self_attention.linear_qkv":
+        return _qkv_writes(h + _ENGINE_FUSED[module] + "." + kind, pieces, shape, rank, size)
+    if module == "mlp.linear_fc1":
+        ffn = shape.ffn_hidden_size
+        name, want = h + _ENGINE_FUSED[module] + "." + kind, _ranges(ffn, size)[rank]
+        halves = [p.chunk(2, dim=0) for p in pieces]  # [gate_t; up_t]
+        return [Write(name, 0, part * (ffn // size) + at, halves[t][part].narrow(0, off, n))
+                for part in (0, 1) for t, off, at, n in _overlaps([h_[part] for h_ in halves], ffn, want)]
+    raise KeyError(f"no engine tensor for Megatron parameter {mname!r} (dense decoder conversion)")

@@ -5,8 +5,10 @@ A family is the three functions weight loading and weight sync need:
   (q/k norms, q/k/v biases, RoPE scaling, padded vocabulary); raises ValueError for what it cannot reproduce;
 - `to_megatron(hf_state, shape, tp_rank, tp_size) -> dict`: this TP rank's Megatron state dict;
 - `to_hf(megatron_name, shards, shape) -> Iterator[(hf_name, tensor)]`: full HF tensors from one parameter's
-  TP shards (in rank order).
-Adding a family is one module with these three and one line below.
+  TP shards (in rank order);
+- `to_engine(megatron_name, shards, shape, engine_rank, engine_size, engine_tensors) -> list[Write]`: the copies
+  that put one engine rank's share of that parameter straight into the engine's own tensors.
+Adding a family is one module with these four and one line below.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ class Family:
     shape_from_hf: Callable[..., ModelShape]
     to_megatron: Callable[[dict[str, torch.Tensor], ModelShape, int, int], dict[str, torch.Tensor]]
     to_hf: Callable[[str, list[torch.Tensor], ModelShape], Iterator[tuple[str, torch.Tensor]]]
+    to_engine: Callable[..., list]
 
 
 FAMILIES = {
     f.name: f
     for f in (
-        Family("qwen3", ("qwen3",), qwen3.shape_from_hf, qwen3.to_megatron, qwen3.to_hf),
-        Family("qwen2", ("qwen2",), qwen2.shape_from_hf, qwen2.to_megatron, qwen2.to_hf),
-        Family("llama", ("llama",), llama.shape_from_hf, llama.to_megatron, llama.to_hf),
+        Family("qwen3", ("qwen3",), qwen3.shape_from_hf, qwen3.to_megatron, qwen3.to_hf,
+               qwen3.to_engine),
+        Family("qwen2", ("qwen2",), qwen2.shape_from_hf, qwen2.to_megatron, qwen2.to_hf,
+               qwen2.to_engine),
+        Family("llama", ("llama",), llama.shape_from_hf, llama.to_megatron, llama.to_hf,
+               llama.to_engine),
     )
 }
 

@@ -11,6 +11,7 @@ from .model import ModelShape
 
 to_megatron = dense.to_megatron
 to_hf = dense.to_hf
+to_engine = dense.to_engine
 
 
 def shape_from_hf(hf_config, tp_size: int = 1, make_vocab_size_divisible_by: int = 1) -> ModelShape:
