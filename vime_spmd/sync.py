@@ -170,17 +170,18 @@ class Coords:
 TRANSPORTS = ("auto", "shm", "collective")
 
 
-def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool) -> str:
-    """`auto`: shm when every rank of this rank's training replica shares its node and the tensors are on the
-    CPU, else collective. `shm` can be forced on CUDA and Ascend, where the shared arenas are device buffers mapped
-    through IPC handles: written for, but not yet run on, either device, which is why `auto` does not pick it
-    there."""
+def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool, replica_size: int = 2) -> str:
+    """`auto`: collective when the training replica is one rank (`replica_size`, TP x PP, is 1: every rank holds
+    every parameter whole, so nothing moves and no collective runs); shm when every rank of the replica shares
+    its node and the tensors are on the CPU; else collective. `shm` can be forced on CUDA and Ascend, where the
+    shared arenas are device buffers mapped through IPC handles: written for, but not yet run on, either device,
+    which is why `auto` does not pick it there."""
     if requested not in TRANSPORTS:
         raise ValueError(f"--weight-sync-transport {requested!r}: choose one of {', '.join(TRANSPORTS)}")
     if requested == "collective":
         return "collective"
     if requested == "auto":
-        return "shm" if replica_on_one_node and device_kind == "cpu" else "collective"
+        return "shm" if replica_size > 1 and replica_on_one_node and device_kind == "cpu" else "collective"
     if not replica_on_one_node:
         raise ValueError("--weight-sync-transport shm is not possible here: the training replica spans nodes; "
                          "use auto or collective")
@@ -331,7 +332,7 @@ class WeightSync:
         dist.all_gather_object(everyone, (coords, socket.gethostname()))
         my_host = socket.gethostname()
         replica_on_one_node = all(host == my_host for c, host in everyone if c.dp_rank == coords.dp_rank)
-        self.transport = choose_transport(transport, acc_kind, replica_on_one_node)
+        self.transport = choose_transport(transport, acc_kind, replica_on_one_node, actor.tp_size * actor.pp_size)
         self.exchange = None
         if self.transport == "shm":
             job_id = [uuid.uuid4().hex[:12]]

@@ -255,10 +255,11 @@ def to_engine(mname: str, pieces: list[torch.Tensor], shape: ModelShape, rank: i
     if mname in _VOCAB:
         name = _VOCAB[mname]
         lo, hi = engine[name].vocab_rows
+        real = max(hi - lo, 0)  # a rank past the end of a small vocabulary holds padding only
         writes = [Write(name, 0, at, pieces[t].narrow(0, off, n))
-                  for t, off, at, n in _overlaps(pieces, shape.padded_vocab_size, (lo, hi))]
+                  for t, off, at, n in _overlaps(pieces, shape.padded_vocab_size, (lo, lo + real))]
         rows = engine[name].shape[0]
-        return writes + ([Write(name, 0, hi - lo, None, rows - (hi - lo))] if rows > hi - lo else [])
+        return writes + ([Write(name, 0, real, None, rows - real)] if rows > real else [])
     if mname == _FINAL_NORM[0]:
         return [Write(_FINAL_NORM[1], 0, 0, pieces[0])]
     _, _, suffix = mname.partition(".layers.")
