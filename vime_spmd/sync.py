@@ -20,10 +20,13 @@ Two formats (`--weight-sync-format`):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
@@ -139,6 +142,27 @@ def sync_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], load_bucket:
         stats.num_bytes += bucket_bytes
         stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket_bytes)
     return stats
+
+
+def own_piece_suffices(plan: list[tuple[str, torch.Size, torch.dtype, bool]], tp_size: int,
+                       replica: list[tuple[int, int, dict[str, EngineTensor]]],
+                       writes_of: Callable[..., list[Write]], engine_size: int) -> frozenset[str]:
+    """The TP-split parameters that no rank of a training replica needs another rank's piece of, for the direct
+    format: `replica` lists each rank's (training TP rank, engine rank, engine tensors); `writes_of(name, pieces,
+    engine_rank, engine_size, engine_tensors)` is the family's `to_engine`. Worked out on meta tensors (no data).
+    When the training and engine tensor-parallel layouts line up (TP 2 into engines of TP 2) that is every
+    parameter, and the collective transport then gathers nothing."""
+    local = set()
+    for name, shape, dtype, tp_split in plan:
+        if not tp_split:
+            continue
+        pieces = [torch.empty(shape, dtype=dtype, device="meta") for _ in range(tp_size)]
+        index = {id(p): t for t, p in enumerate(pieces)}
+        if all(index[id(w.src if w.src._base is None else w.src._base)] == tp_rank
+               for tp_rank, engine_rank, tensors in replica
+               for w in writes_of(name, pieces, engine_rank, engine_size, tensors) if w.src is not None):
+            local.add(name)
+    return frozenset(local)
 
 
 # ---- moving shards between ranks -------------------------------------------------------------------------
@@ -333,7 +357,17 @@ class WeightSync:
         my_host = socket.gethostname()
         replica_on_one_node = all(host == my_host for c, host in everyone if c.dp_rank == coords.dp_rank)
         self.transport = choose_transport(transport, acc_kind, replica_on_one_node, actor.tp_size * actor.pp_size)
-        self.exchange = None
+        self.exchange, self.local_only = None, frozenset()
+        if self.transport == "collective" and self.format == "direct" and actor.tp_size > 1:
+            mine = (coords.tp_rank, engine_rank, engine_tensors)
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, (coords.dp_rank, mine))
+            replica = [entry for dp_rank, entry in everyone if dp_rank == coords.dp_rank]
+            self.local_only = own_piece_suffices(actor.parameter_plan(), actor.tp_size, replica, actor.to_engine,
+                                                 engine_size)
+            num_split = sum(split for *_, split in actor.parameter_plan())
+            logger.info("weight sync: %d of %d tensor-parallel parameters need no gather (each rank's own piece "
+                        "holds its engine share)", len(self.local_only), num_split)
         if self.transport == "shm":
             job_id = [uuid.uuid4().hex[:12]]
             dist.broadcast_object_list(job_id, src=0)
@@ -343,7 +377,7 @@ class WeightSync:
     def pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """(Megatron name, TP pieces) of every parameter of the model, on every rank."""
         if self.exchange is None:
-            return self.actor.gathered_pieces()
+            return self.actor.gathered_pieces(self.local_only)
         return self.exchange.pieces()
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -39,7 +39,8 @@ LAYOUTS = [  # ranks, train TP, train PP, engine TP, transport, sync format, mod
     (2, 2, 1, 1, "shm", "direct", "qwen2"),
     (2, 1, 1, 2, "collective", "reload", "llama"),
     (2, 1, 2, 1, "shm", "direct", "qwen3"),  # pipeline of two stages, each rank its own engine
-    (4, 2, 2, 2, "shm", "direct", "llama"),  # TP2 x PP2 on 4 ranks, two engines of TP2
+    (4, 2, 2, 2, "collective", "direct", "llama"),  # TP2 x PP2 on 4 ranks, two engines of TP2: layouts line up,
+    #                                                  so nothing is all-gathered, stages broadcast one piece
     (4, 4, 1, 2, "shm", "direct", "qwen3_kv4"),  # TP4 training, two engines of TP2
 ]
 

@@ -98,3 +98,43 @@ def test_each_engine_rank_gets_exactly_its_share(family, heads, kv_heads, tied, 
         assert written == {n: t.numel() for n, t in got.items()}, "some element not written exactly once"
         for name, (tensor, _) in expected.items():
             assert torch.equal(got[name], tensor), f"{name}: engine rank {rank} of {engine_tp}, train TP {train_tp}"
+
+
+def _plan_and_specs(train_tp: int, engine_tp: int, vocab: int = 256):
+    cfg, state = _hf_state("qwen3", 4, 2, False, vocab)
+    fam = FAMILIES["qwen3"]
+    shape = fam.shape_from_hf(cfg, train_tp, 1)
+    rank0 = fam.to_megatron(state, shape, 0, train_tp)
+    plan = [(n, t.shape, t.dtype, "layernorm" not in n) for n, t in rank0.items()]
+    specs = [{n: EngineTensor(tuple(t.shape), rows) for n, (t, rows) in _vllm_rank_tensors(state, cfg, e,
+                                                                                          engine_tp).items()}
+             for e in range(engine_tp)]
+    writes_of = lambda name, pieces, e, size, tensors: fam.to_engine(name, pieces, shape, e, size, tensors)  # noqa: E731
+    return plan, specs, writes_of
+
+
+def test_collective_gathers_nothing_when_the_layouts_line_up():
+    from vime_spmd.sync import own_piece_suffices
+
+    plan, specs, writes_of = _plan_and_specs(train_tp=2, engine_tp=2)
+    # 2 ranks: rank r is training TP rank r and engine rank r. Vocabulary 256: both sides split it at row 128.
+    local = own_piece_suffices(plan, 2, [(0, 0, specs[0]), (1, 1, specs[1])], writes_of, 2)
+    assert local == {n for n, _, _, split in plan if split}
+    # Vocabulary 300: Megatron splits at row 150, vLLM (padding to 320) at 160, so engine rank 0 needs rows
+    # 150-159 from training rank 1: the vocabulary tensors are gathered, every layer still is not.
+    plan, specs, writes_of = _plan_and_specs(train_tp=2, engine_tp=2, vocab=300)
+    local = own_piece_suffices(plan, 2, [(0, 0, specs[0]), (1, 1, specs[1])], writes_of, 2)
+    vocab = {"embedding.word_embeddings.weight", "output_layer.weight"}
+    assert local == {n for n, _, _, split in plan if split} - vocab
+
+
+def test_collective_gathers_what_another_rank_needs():
+    from vime_spmd.sync import own_piece_suffices
+
+    plan, specs, writes_of = _plan_and_specs(train_tp=2, engine_tp=1)
+    # Engines of TP 1 need every piece: nothing is local.
+    assert own_piece_suffices(plan, 2, [(0, 0, specs[0]), (1, 0, specs[0])], writes_of, 1) == frozenset()
+    # Training TP 2 into engines of TP 2, but the ranks cross over (training rank 0 is engine rank 1): every
+    # split parameter needs the other piece.
+    plan, specs, writes_of = _plan_and_specs(train_tp=2, engine_tp=2)
+    assert own_piece_suffices(plan, 2, [(0, 1, specs[1]), (1, 0, specs[0])], writes_of, 2) == frozenset()

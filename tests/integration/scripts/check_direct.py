@@ -38,6 +38,7 @@ def main(model_dir: str, tp: int, engine_tp: int, transport: str, divisible_by: 
     mismatches = [name for name, t in live.items() if not torch.equal(t, by_vllm[name])]
     report = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(report, {"mismatches": mismatches, "num_tensors": len(live),
+                                                 "num_not_gathered": len(sync.local_only),
                                                  "num_buckets": stats.num_buckets, "num_bytes": stats.num_bytes,
                                                  "engine_bytes": sum(t.numel() * t.element_size()
                                                                      for t in live.values())})

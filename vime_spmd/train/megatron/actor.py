@@ -362,28 +362,37 @@ class MegatronActor:
         return self.family.to_engine(name, pieces, self.shape, engine_rank, engine_size, engine_tensors)
 
     @torch.no_grad()
-    def gathered_pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    def gathered_pieces(self, local_only: frozenset[str] = frozenset()) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """(global Megatron name, TP pieces in rank order) of every parameter of the whole model on every rank, one
         parameter at a time: TP shards are all-gathered over the TP group; with stages, each parameter's pieces are
         then broadcast from its stage over the pipeline group, stage after stage (never more than one parameter
-        held)."""
+        held). For names in `local_only` (every rank of the replica needs only the piece of its own TP rank) nothing
+        is gathered: the other pieces are meta-device placeholders, and stages broadcast only that one piece."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
         params = {name: p for name, p, _ in self.own_params()}
         for stage, entries in enumerate(self.export_plan):
             for name, shape, dtype, tp_split in entries:
+                local = tp_split and name in local_only
                 if stage == self.pp_rank:
                     param = params[name].detach()
                     pieces = [param]
-                    if tp_split:
+                    if tp_split and not local:
                         pieces = [torch.empty_like(param) for _ in range(self.tp_size)]
                         torch.distributed.all_gather(pieces, param.contiguous(), group=tp_group)
                 if self.pp_size > 1:
-                    num_pieces = self.tp_size if tp_split else 1
+                    num_pieces = self.tp_size if tp_split and not local else 1
                     stacked = (torch.stack(pieces) if stage == self.pp_rank else
                                torch.empty((num_pieces, *shape), dtype=dtype, device=self.acc.torch_device))
                     torch.distributed.broadcast(stacked, src=self.pp_ranks[stage], group=self.pp_group)
                     pieces = list(stacked.unbind(0))
+                if local:
+                    pieces = [pieces[0] if t == self.tp_rank else torch.empty(shape, dtype=dtype, device="meta")
+                              for t in range(self.tp_size)]
                 yield name, pieces
+
+    def parameter_plan(self) -> list[tuple[str, torch.Size, torch.dtype, bool]]:
+        """(global name, shape, dtype, TP-split) of every parameter of the whole model, stage after stage."""
+        return [entry for entries in self.export_plan for entry in entries]
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors of the whole model on every rank, one parameter at a time."""
