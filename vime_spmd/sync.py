@@ -300,7 +300,7 @@ class ShmExchange:
 
     def pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """Publish this rank's shards, then yield (name, pieces in TP order) for every parameter of the model.
-        The pieces are views into the arenas: use them before the generator resumes."""
+        The pieces are views into the arenas, valid until `release()`, which every rank must call after it."""
         import torch.distributed as dist
 
         with torch.no_grad():
@@ -318,8 +318,14 @@ class ShmExchange:
                     _, offset, shape, dtype, _ = index[name]
                     views.append(arena.view(offset, shape, dtype))
                 yield name, views
+
+    def release(self) -> None:
+        """After the engine took everything from the views: nobody rewrites its arena (at the next sync) while a
+        peer may still read it. Called once the last bucket is loaded, not when the last view is handed out."""
+        import torch.distributed as dist
+
         self._synchronize()
-        dist.barrier()  # nobody rewrites its arena while a peer may still read it
+        dist.barrier()
 
     def _synchronize(self) -> None:
         """Device copies are asynchronous: finish them before telling the peers."""
@@ -381,6 +387,12 @@ class WeightSync:
         return self.exchange.pieces()
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF tensors of the whole model, for a consumer that is done with each before taking the next."""
+        yield from self._hf_weights()
+        if self.exchange is not None:
+            self.exchange.release()
+
+    def _hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, pieces in self.pieces():
             yield from self.actor.to_hf(name, pieces)
 
@@ -388,8 +400,12 @@ class WeightSync:
         """Load the trainer's weights into the engine through `target` (the memory manager, or the engine
         itself): `write_weights(writes)` per bucket (direct) or `load_weights(named_tensors)` (reload)."""
         if self.format == "reload":
-            return sync_weights(self.hf_weights(), target.load_weights, self.buffer_size_bytes)
-        return self._update_direct(target.write_weights)
+            stats = sync_weights(self._hf_weights(), target.load_weights, self.buffer_size_bytes)
+        else:
+            stats = self._update_direct(target.write_weights)
+        if self.exchange is not None:
+            self.exchange.release()
+        return stats
 
     def _update_direct(self, write: Callable[[list[Write]], dict[str, int]]) -> SyncStats:
         stats, written = SyncStats(), dict.fromkeys(self.engine_tensors, 0)

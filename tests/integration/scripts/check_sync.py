@@ -3,6 +3,7 @@ twice in a row (the arenas are reused), after the weights changed in between. Wr
 
 import json
 import sys
+import time
 
 import torch
 
@@ -13,12 +14,13 @@ from vime_spmd.train.megatron import MegatronActor
 
 
 class Collect:
-    """Stands in for the engine: keeps copies of what the reload sync hands over."""
+    """Stands in for the engine: keeps copies of what the reload sync hands over, after `delay_s` per bucket."""
 
-    def __init__(self, got: dict) -> None:
-        self.got = got
+    def __init__(self, got: dict, delay_s: float = 0.0) -> None:
+        self.got, self.delay_s = got, delay_s
 
     def load_weights(self, bucket) -> None:
+        time.sleep(self.delay_s)
         self.got.update({k: v.clone() for k, v in bucket})
 
 
@@ -41,9 +43,20 @@ def main(model_dir: str, tp: int, transport: str, out: str) -> None:
         with torch.no_grad():  # change every weight before the second round
             for p in actor.model.module.parameters():
                 p.add_(0.5)
+    # A slow engine rank: rank 1 takes 50 ms per bucket, rank 0 none, and overwrites its arena (as its next sync
+    # would) the moment its update returns. What rank 1 loads must still be this sync's weights.
+    expected = {k: v.clone() for k, v in actor.hf_weights()}
+    got = {}
+    sync.update(Collect(got, delay_s=0.05 if torch.distributed.get_rank() == 1 else 0.0))
+    if sync.exchange is not None:
+        sync.exchange.own.bytes.fill_(0)
+    torch.distributed.barrier()
+    mismatches += [f"slow:{k}" for k in expected if k not in got or not torch.equal(got[k], expected[k])]
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mismatches)
     if torch.distributed.get_rank() == 0:
         with open(out, "w") as f:
-            json.dump({"transport": sync.transport, "mismatches": mismatches, "num_buckets": num_buckets,
+            json.dump({"transport": sync.transport, "mismatches": sum(everyone, []), "num_buckets": num_buckets,
                        "num_tensors": len(expected)}, f)
     sync.close()
     actor.close()
