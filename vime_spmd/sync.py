@@ -357,23 +357,19 @@ class WeightSync:
         if self.format == "direct" and engine_tensors is None:
             raise ValueError("the direct weight sync needs the engine's tensors (engine_tensors)")
         self.engine_tensors, self.engine_rank, self.engine_size = engine_tensors, engine_rank, engine_size
-        coords = actor.coords()
+        coords, host = actor.coords(), socket.gethostname()
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (coords, socket.gethostname()))
-        my_host = socket.gethostname()
-        replica_on_one_node = all(host == my_host for c, host in everyone if c.dp_rank == coords.dp_rank)
+        dist.all_gather_object(everyone, (coords, host, engine_rank, engine_tensors))
+        replica = [entry for entry in everyone if entry[0].dp_rank == coords.dp_rank]  # this training replica
+        replica_on_one_node = all(entry[1] == host for entry in replica)
         self.transport = choose_transport(transport, acc_kind, replica_on_one_node, actor.tp_size * actor.pp_size)
         self.exchange, self.local_only = None, frozenset()
         if self.transport == "collective" and self.format == "direct" and actor.tp_size > 1:
-            mine = (coords.tp_rank, engine_rank, engine_tensors)
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, (coords.dp_rank, mine))
-            replica = [entry for dp_rank, entry in everyone if dp_rank == coords.dp_rank]
-            self.local_only = own_piece_suffices(actor.parameter_plan(), actor.tp_size, replica, actor.to_engine,
-                                                 engine_size)
-            num_split = sum(split for *_, split in actor.parameter_plan())
+            plan = actor.parameter_plan()
+            self.local_only = own_piece_suffices(plan, actor.tp_size, [(c.tp_rank, e, t) for c, _, e, t in replica],
+                                                 actor.to_engine, engine_size)
             logger.info("weight sync: %d of %d tensor-parallel parameters need no gather (each rank's own piece "
-                        "holds its engine share)", len(self.local_only), num_split)
+                        "holds its engine share)", len(self.local_only), sum(split for *_, split in plan))
         if self.transport == "shm":
             job_id = [uuid.uuid4().hex[:12]]
             dist.broadcast_object_list(job_id, src=0)
@@ -433,8 +429,8 @@ class WeightSync:
         if bucket:
             flush()
         # Every element of every engine tensor is written each sync: after a level-2 sleep nothing else is there.
-        wrong = {n: (got, torch.Size(self.engine_tensors[n].shape).numel()) for n, got in written.items()
-                 if got != torch.Size(self.engine_tensors[n].shape).numel()}
+        expected = {n: torch.Size(t.shape).numel() for n, t in self.engine_tensors.items()}
+        wrong = {n: (got, expected[n]) for n, got in written.items() if got != expected[n]}
         if wrong:
             raise RuntimeError("direct weight sync did not write each engine tensor exactly once (elements written, "
                                f"expected): {dict(list(wrong.items())[:5])}; use --weight-sync-format reload and "
