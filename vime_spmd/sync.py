@@ -38,6 +38,12 @@ class SyncStats:
     num_bytes: int = 0
     max_bucket_bytes: int = 0
 
+    def add_bucket(self, num_tensors: int, num_bytes: int) -> None:
+        self.num_tensors += num_tensors
+        self.num_buckets += 1
+        self.num_bytes += num_bytes
+        self.max_bucket_bytes = max(self.max_bucket_bytes, num_bytes)
+
 
 @dataclass(frozen=True)
 class EngineTensor:
@@ -70,7 +76,9 @@ def apply_write(dst: torch.Tensor, w: Write) -> int:
         dst.narrow(w.dim, w.start, w.count).zero_()
         return w.count * row
     region = dst.narrow(w.dim, w.start, w.src.numel() // row)
-    region.view(w.src.shape).copy_(w.src) if w.dim == 0 else region.copy_(w.src)
+    if w.dim == 0:
+        region = region.view(w.src.shape)  # contiguous rows: take the source's shape
+    region.copy_(w.src)
     return w.src.numel()
 
 
@@ -137,10 +145,7 @@ def sync_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], load_bucket:
     for bucket in buckets(named_tensors, buffer_size_bytes, unit=engine_unit):
         bucket_bytes = sum(t.numel() * t.element_size() for _, t in bucket)
         load_bucket(bucket)
-        stats.num_tensors += len(bucket)
-        stats.num_buckets += 1
-        stats.num_bytes += bucket_bytes
-        stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket_bytes)
+        stats.add_bucket(len(bucket), bucket_bytes)
     return stats
 
 
@@ -412,10 +417,7 @@ class WeightSync:
             nonlocal bucket, bucket_bytes
             for name, n in write(bucket).items():
                 written[name] += n
-            stats.num_buckets += 1
-            stats.num_tensors += len(bucket)
-            stats.num_bytes += bucket_bytes
-            stats.max_bucket_bytes = max(stats.max_bucket_bytes, bucket_bytes)
+            stats.add_bucket(len(bucket), bucket_bytes)
             bucket, bucket_bytes = [], 0
 
         # Sources are views of the training pieces (shm arenas, or gathered copies): the bucket bounds how many

@@ -123,6 +123,15 @@ def run_step(memory: MemoryManager, device: FakeDevice) -> dict:
     return memory.metrics()
 
 
+def trained(kind: str = "cuda", **kw):
+    """Started, then through a step up to the trainer's pause: the engine asleep, its weights not yet woken."""
+    memory, device, log, engine = started(kind, **kw)
+    memory.engine_sleep()
+    memory.train_wake()
+    memory.train_sleep()
+    return memory, device, log, engine
+
+
 def test_happy_order_drives_both_owners_in_order_and_records_free_memory():
     memory, device, log, engine = started()
     record = run_step(memory, device)
@@ -169,20 +178,14 @@ def test_engine_woken_before_the_trainer_paused_is_refused():
 
 
 def test_weights_loaded_before_the_weights_woke_are_refused():
-    memory, device, log, engine = started()
-    memory.engine_sleep()
-    memory.train_wake()
-    memory.train_sleep()
+    memory, device, log, engine = trained()
     with pytest.raises(OrderError, match="call engine_wake_weights first"):
         memory.load_weights([("w", torch.zeros(1))])
     assert engine.loaded == []
 
 
 def test_direct_writes_follow_the_same_rule_as_loads():
-    memory, device, log, engine = started()
-    memory.engine_sleep()
-    memory.train_wake()
-    memory.train_sleep()
+    memory, device, log, engine = trained()
     with pytest.raises(OrderError, match="write_weights: .*call engine_wake_weights first"):
         memory.write_weights(["w"])
     assert engine.loaded == []
@@ -195,10 +198,7 @@ def test_direct_writes_follow_the_same_rule_as_loads():
 
 
 def test_kv_cache_woken_before_the_weights_were_loaded_is_refused():
-    memory, device, log, engine = started()
-    memory.engine_sleep()
-    memory.train_wake()
-    memory.train_sleep()
+    memory, device, log, engine = trained()
     memory.engine_wake_weights()
     with pytest.raises(OrderError, match="call load_weights"):
         memory.engine_wake_kv()
@@ -213,10 +213,7 @@ def test_trainer_woken_while_the_engine_is_awake_is_refused():
 
 
 def test_buckets_load_within_one_wake_but_not_after_the_kv_cache_woke():
-    memory, device, log, engine = started()
-    memory.engine_sleep()
-    memory.train_wake()
-    memory.train_sleep()
+    memory, device, log, engine = trained()
     memory.engine_wake_weights()
     memory.load_weights([("a", None)])  # the sync hands over one bucket per call
     memory.load_weights([("b", None)])

@@ -373,14 +373,15 @@ class MegatronActor:
         for stage, entries in enumerate(self.export_plan):
             for name, shape, dtype, tp_split in entries:
                 local = tp_split and name in local_only
+                gather = tp_split and not local
                 if stage == self.pp_rank:
                     param = params[name].detach()
                     pieces = [param]
-                    if tp_split and not local:
+                    if gather:
                         pieces = [torch.empty_like(param) for _ in range(self.tp_size)]
                         torch.distributed.all_gather(pieces, param.contiguous(), group=tp_group)
                 if self.pp_size > 1:
-                    num_pieces = self.tp_size if tp_split and not local else 1
+                    num_pieces = self.tp_size if gather else 1
                     stacked = (torch.stack(pieces) if stage == self.pp_rank else
                                torch.empty((num_pieces, *shape), dtype=dtype, device=self.acc.torch_device))
                     torch.distributed.broadcast(stacked, src=self.pp_ranks[stage], group=self.pp_group)
