@@ -120,7 +120,9 @@ def run_step(memory: MemoryManager, device: FakeDevice) -> dict:
     memory.engine_wake_weights()
     memory.load_weights(iter([("w", torch.zeros(1))]))
     memory.engine_wake_kv()
-    return memory.metrics()
+    record = memory.metrics()
+    memory.reset_readings()
+    return record
 
 
 def trained(kind: str = "cuda", **kw):
