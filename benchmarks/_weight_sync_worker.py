@@ -7,12 +7,10 @@ import time
 
 import torch
 
+from vime_spmd.build import build_colocated
 from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
-from vime_spmd.rollout.engine import RolloutEngine
-from vime_spmd.sync import WeightSync
-from vime_spmd.train.megatron import MegatronActor
 
 _INPUT_SPLIT = ("o_proj.weight", "down_proj.weight")  # split on dim 1 in the engine; other matrices on dim 0
 
@@ -28,17 +26,13 @@ def main(model_dir: str, tp: int, engine_tp: int, transport: str, sync_format: s
          buffer_bytes: int, out: str) -> None:
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--rollout-num-gpus-per-engine", str(engine_tp),
-                        "--vllm-kv-cache-bytes", str(64 << 20)])
+                        "--vllm-kv-cache-bytes", str(64 << 20), "--weight-sync-format", sync_format,
+                        "--weight-sync-transport", transport, "--update-weight-buffer-size", str(buffer_bytes)])
     acc = select_accelerator("cpu")
     init_distributed(acc)
-    from transformers import AutoConfig
-
     layout = Layout.of_world(cfg.parallel)
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
-    direct = sync_format == "direct"
-    engine = RolloutEngine(cfg, acc, layout, direct_sync=direct)
-    sync = WeightSync(actor, "cpu", transport, buffer_bytes, sync_format, engine.tensors() if direct else None,
-                      layout.engine_rank, layout.engine_size)
+    run = build_colocated(cfg, acc, layout)
+    engine, sync = run.engine, run.sync
 
     num_bytes = sync.update(engine).num_bytes  # warm-up
     update_s, floor_s = [], []
@@ -52,7 +46,7 @@ def main(model_dir: str, tp: int, engine_tp: int, transport: str, sync_format: s
         # buffers are written once before the timed copy: a first write into fresh memory also pays its page
         # faults (480 MB, one thread, this VM: 0.206 s fresh, 0.040 s written before), which the engine's
         # long-lived tensors never do.
-        tensors = [engine_share(n, t, layout.engine_rank, engine_tp).clone() for n, t in actor.hf_weights()]
+        tensors = [engine_share(n, t, layout.engine_rank, engine_tp).clone() for n, t in run.export.hf_weights()]
         targets = [torch.zeros_like(t) for t in tensors]
         start = time.perf_counter()
         for src, dst in zip(tensors, targets):
@@ -65,9 +59,7 @@ def main(model_dir: str, tp: int, engine_tp: int, transport: str, sync_format: s
         result["ratio"] = result["update_weights_s"] / result["copy_floor_s"]
         with open(out, "w") as f:
             json.dump(result, f)
-    sync.close()
-    actor.close()
-    engine.close()
+    run.close()
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def instrument(observed: dict) -> None:
     def timed_update(self, target):
         start = time.perf_counter()
         stats = update(self, target)
-        self.actor.acc.synchronize()
+        self.source.acc.synchronize()
         observed.setdefault("update_s", []).append(time.perf_counter() - start)
         observed["sync_bytes"] = stats.num_bytes
         if "floor_s" in observed:
@@ -101,11 +101,11 @@ def instrument(observed: dict) -> None:
         # copied once between buffers that already exist.
         tensors = [t.clone() for _, t in self.hf_weights()]
         targets = [torch.zeros_like(t) for t in tensors]  # written once: no first-touch cost in the floor
-        self.actor.acc.synchronize()
+        self.source.acc.synchronize()
         start = time.perf_counter()
         for src, dst in zip(tensors, targets):
             dst.copy_(src)
-        self.actor.acc.synchronize()
+        self.source.acc.synchronize()
         observed["floor_s"] = [time.perf_counter() - start]
         del tensors, targets
         return stats

@@ -40,10 +40,20 @@ class Accelerator:
         return self.kind != "cpu"
 
     def synchronize(self) -> None:
+        """Wait for this rank's device work (device copies are asynchronous); a no-op on CPU."""
         if self.kind == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.torch_device)
         elif self.kind == "npu":
-            torch.npu.synchronize()  # type: ignore[attr-defined]
+            torch.npu.synchronize(self.torch_device)  # type: ignore[attr-defined]
+
+    def device_count(self) -> int:
+        """Devices of this kind on this node (1 for the CPU)."""
+        if self.kind == "cuda":
+            return torch.cuda.device_count()
+        if self.kind == "npu":
+            _npu_available()  # imports torch_npu, which registers torch.npu
+            return torch.npu.device_count()  # type: ignore[attr-defined]
+        return 1
 
 
 def _npu_available() -> bool:
@@ -68,9 +78,14 @@ def resolve_kind(requested: str, *, cuda_available: bool, npu_available: bool) -
     return requested
 
 
-def select_accelerator(requested: str) -> Accelerator:
+def available_kind(requested: str) -> str:
+    """`--device` resolved against the devices this machine has (see `resolve_kind`)."""
     npu = requested in ("auto", "npu") and _npu_available()
-    kind = resolve_kind(requested, cuda_available=torch.cuda.is_available(), npu_available=npu)
+    return resolve_kind(requested, cuda_available=torch.cuda.is_available(), npu_available=npu)
+
+
+def select_accelerator(requested: str) -> Accelerator:
+    kind = available_kind(requested)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if kind == "cuda":
         torch.cuda.set_device(local_rank)

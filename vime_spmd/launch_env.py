@@ -157,24 +157,15 @@ def torchrun_args(rendezvous: dict[str, str]) -> str:
 def _resolve(device: str) -> str:
     if device != "auto":
         return device
-    import torch
+    from .device import available_kind
 
-    from .device import _npu_available, resolve_kind
-
-    return resolve_kind("auto", cuda_available=torch.cuda.is_available(), npu_available=_npu_available())
+    return available_kind("auto")
 
 
 def _device_count(kind: str) -> int:
-    import torch
+    from .device import Accelerator
 
-    if kind == "cuda":
-        return torch.cuda.device_count()
-    if kind == "npu":
-        from .device import _npu_available
-
-        _npu_available()  # imports torch_npu, which registers torch.npu
-        return torch.npu.device_count()  # type: ignore[attr-defined]
-    return 1
+    return Accelerator(kind=kind).device_count()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ class Tag:
     why: str
 
 
-# Back up to host only what cannot be rebuilt: a backup costs ~1000x a drop (design.md, H200).
+# Back up to host only what cannot be rebuilt: a backup costs ~1000x a drop (docs/architecture.md, H200).
 TRAIN_TAGS = {t.name: t for t in (
     Tag("params", True, "the policy's weights: the only copy (in bf16 they could be rebuilt from the optimizer's "
                         "fp32 main params; not done yet)"),
@@ -243,12 +243,15 @@ class MemoryManager:
     # ---- readings ------------------------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
-        """This step's memory/free_* readings in GiB (nothing on CPU). `before_rollout` was read when the engine
-        last finished waking: nothing runs between that and the next rollout."""
-        out = {f"memory/free_{k}_gib": v for k, v in self._readings.items()}
+        """This step's memory/free_* readings in GiB (nothing on CPU). Reading changes nothing: the step calls
+        `reset_readings` once it has recorded them."""
+        return {f"memory/free_{k}_gib": v for k, v in self._readings.items()}
+
+    def reset_readings(self) -> None:
+        """Start the next step's readings. Only `before_rollout` carries over: it was read when the engine last
+        finished waking, and nothing runs between that and the next rollout."""
         nxt = self._next_before_rollout
         self._readings, self._next_before_rollout = ({} if nxt is None else {"before_rollout": nxt}), None
-        return out
 
     # ---- helpers -------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .device import Accelerator
 
-# Every step's record holds these keys (design.md), whether or not the phase did work on this hardware.
+# Every step's record holds these keys (docs/architecture.md), whether or not the phase did work on this hardware.
 TIMING_KEYS = (
     "perf/rollout_time", "perf/engine_sleep_time", "perf/train_wake_time", "perf/ref_logprobs_time",
     "perf/actor_train_time", "perf/sleep_time", "perf/wake_up_time", "perf/update_weights_time",

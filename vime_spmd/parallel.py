@@ -5,6 +5,9 @@ stages slowest (rank = tp_rank + tp * (dp_rank + dp * pp_rank)). The ranks of on
 every stage) train on the same samples. Engines are contiguous blocks of `--rollout-num-gpus-per-engine` ranks.
 The two layouts are independent: a rank's training shard and its engine shard need not match (every engine rank
 holds all layers).
+
+`Layout` is the one description of where a rank sits: the training backend checks once that Megatron's groups
+agree with it, and the weight sync exchanges it between ranks to find each rank's training replica.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ class Layout:
     @property
     def pp_rank(self) -> int:
         return self.rank // (self.tp_size * self.dp_size)
+
+    @property
+    def pipeline_ranks(self) -> list[int]:
+        """Global rank of each stage of this rank's pipeline (same TP and DP rank), first stage first."""
+        return [self.tp_rank + self.tp_size * (self.dp_rank + self.dp_size * stage) for stage in range(self.pp_size)]
 
     @property
     def num_engines(self) -> int:

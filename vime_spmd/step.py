@@ -1,4 +1,4 @@
-"""One colocated RL step, as named phases with stable timing keys (design.md).
+"""One colocated RL step, as named phases with stable timing keys (docs/architecture.md).
 
     rollout -> engine sleeps -> trainer wakes -> reference logprobs -> actor train
             -> trainer sleeps -> engine wakes weights -> weights sync -> engine wakes KV cache
@@ -64,8 +64,10 @@ class RLStep:
                 self.sync.update(self.memory)
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_kv()
-        return {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics,
-                "data/position": float(self.dataset.position)}
+        record = {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics,
+                  "data/position": float(self.dataset.position)}
+        self.memory.reset_readings()
+        return record
 
     def prime_engine(self) -> None:
         """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint, or
@@ -76,7 +78,7 @@ class RLStep:
         self.memory.engine_wake_weights()
         self.sync.update(self.memory)
         self.memory.engine_wake_kv()
-        self.memory.metrics()  # these readings belong to no step
+        self.memory.reset_readings()  # these readings belong to no step
 
     # ---- rollout ---------------------------------------------------------------------------------------
 

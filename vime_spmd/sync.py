@@ -21,14 +21,18 @@ Two formats (`--weight-sync-format`):
 from __future__ import annotations
 
 import logging
+import socket
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from .shm import ShmExchange
+from .weights import EngineTensor, NamedTensors, ParamEntry, WeightSource, Write
 
 logger = logging.getLogger(__name__)
-
-NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 @dataclass
@@ -43,43 +47,6 @@ class SyncStats:
         self.num_buckets += 1
         self.num_bytes += num_bytes
         self.max_bucket_bytes = max(self.max_bucket_bytes, num_bytes)
-
-
-@dataclass(frozen=True)
-class EngineTensor:
-    """What the direct sync needs to know of one engine tensor (reported by the engine)."""
-
-    shape: tuple[int, ...]
-    vocab_rows: tuple[int, int] | None = None  # for vocabulary-split tensors: the vocab rows this rank holds
-
-
-@dataclass(frozen=True)
-class Write:
-    """Copy `src` into engine tensor `name` at `start` along `dim` (rows for dim 0, where `src` may carry extra
-    dims that the rows flatten, e.g. [groups, heads, head_dim, hidden]); `src=None` zeroes `count` rows."""
-
-    name: str
-    dim: int
-    start: int
-    src: torch.Tensor | None
-    count: int = 0
-
-    @property
-    def num_bytes(self) -> int:
-        return 0 if self.src is None else self.src.numel() * self.src.element_size()
-
-
-def apply_write(dst: torch.Tensor, w: Write) -> int:
-    """Do one write into `dst`; returns the number of elements written."""
-    row = dst.numel() // dst.shape[w.dim]  # elements per index of `dim`
-    if w.src is None:
-        dst.narrow(w.dim, w.start, w.count).zero_()
-        return w.count * row
-    region = dst.narrow(w.dim, w.start, w.src.numel() // row)
-    if w.dim == 0:
-        region = region.view(w.src.shape)  # contiguous rows: take the source's shape
-    region.copy_(w.src)
-    return w.src.numel()
 
 
 FORMATS = ("auto", "direct", "reload")
@@ -149,7 +116,7 @@ def sync_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], load_bucket:
     return stats
 
 
-def own_piece_suffices(plan: list[tuple[str, torch.Size, torch.dtype, bool]], tp_size: int,
+def own_piece_suffices(plan: list[ParamEntry], tp_size: int,
                        replica: list[tuple[int, int, dict[str, EngineTensor]]],
                        writes_of: Callable[..., list[Write]], engine_size: int) -> frozenset[str]:
     """The TP-split parameters that no rank of a training replica needs another rank's piece of, for the direct
@@ -172,28 +139,11 @@ def own_piece_suffices(plan: list[tuple[str, torch.Size, torch.dtype, bool]], tp
 
 # ---- moving shards between ranks -------------------------------------------------------------------------
 #
-# The trainer exposes its parameters as `Shard`s: its (TP-, later PP-) local piece of each Megatron parameter,
-# named with global layer numbers. To load the engine, each rank needs, per parameter, every piece of it from
-# the ranks of its own training replica (same data-parallel index). Two ways to move them:
+# The trainer exposes its parameters as `Shard`s: its (TP-, PP-) local piece of each Megatron parameter, named with
+# global layer numbers. To load the engine, each rank needs, per parameter, every piece of it from the ranks of its
+# own training replica (same data-parallel index). Two ways to move them:
 # - "collective": all-gather over the training groups (works across nodes: gloo / NCCL / HCCL);
-# - "shm": within a node, each rank copies its pieces into a POSIX shared-memory arena it owns (mapped once,
-#   reused every sync) and reads its peers' pieces straight from theirs, with no collective but two barriers.
-
-
-@dataclass(frozen=True)
-class Shard:
-    name: str  # Megatron name with the global layer number
-    tensor: torch.Tensor
-    tp_split: bool  # whether the training TP ranks hold different pieces (else replicated)
-
-
-@dataclass(frozen=True)
-class Coords:
-    """Where a rank sits in the training layout."""
-
-    dp_rank: int
-    tp_rank: int
-    pp_rank: int
+# - "shm": within a node, through shared-memory arenas (`shm.py`), with no collective but two barriers.
 
 
 TRANSPORTS = ("auto", "shm", "collective")
@@ -217,174 +167,66 @@ def choose_transport(requested: str, device_kind: str, replica_on_one_node: bool
     return "shm"
 
 
-class ShmArena:
-    """A rank's named POSIX shared-memory file (under /dev/shm), mapped as bytes. `share_info` is its path."""
+@dataclass(frozen=True)
+class SyncPlan:
+    """The sync as the flags ask for it, resolved once for this device: the engine is built for its format, and
+    `WeightSync` follows it. The transport stays as asked until `WeightSync` knows where every rank runs."""
 
-    def __init__(self, num_bytes: int, path: str, create: bool) -> None:
-        import os
+    format: str  # "direct" | "reload"
+    transport: str  # "auto" | "shm" | "collective"
+    buffer_size_bytes: int  # the most bytes handed to the engine in one call
 
-        self.path, self.owner = path, create
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(max(num_bytes, 1))
-        self.bytes = torch.from_file(path, shared=True, size=max(num_bytes, 1), dtype=torch.uint8)
-        if create:
-            os.chmod(path, 0o600)
-        self.share_info = path
+    @classmethod
+    def from_flags(cls, parallel, device_kind: str) -> SyncPlan:
+        """From the config's `ParallelConfig` (--weight-sync-format, --weight-sync-transport,
+        --update-weight-buffer-size)."""
+        return cls(choose_format(parallel.weight_sync_format, device_kind), parallel.weight_sync_transport,
+                   parallel.update_weight_buffer_size)
 
-    def view(self, offset: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        num_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        return self.bytes[offset : offset + num_bytes].view(dtype).view(shape)
-
-    def unlink(self) -> None:
-        """Remove the name; the mappings stay valid until every process drops them."""
-        import os
-
-        if self.owner and os.path.exists(self.path):
-            os.unlink(self.path)
-
-    def close(self) -> None:
-        self.bytes = None
-        self.unlink()
-
-
-class DeviceIpcArena(ShmArena):
-    """A rank's device buffer, mapped by the other processes of its node through an IPC handle: torch's
-    `reduce_tensor` (CUDA IPC), which torch_npu (2.10) replaces on import with its own for NPU tensors. Looked up
-    at call time for that reason. `share_info` is the picklable handle."""
-
-    def __init__(self, num_bytes: int, device: torch.device, handle=None) -> None:
-        from torch.multiprocessing import reductions
-
-        self.path, self.owner = None, handle is None
-        if handle is None:
-            self.bytes = torch.empty(max(num_bytes, 1), dtype=torch.uint8, device=device)
-            self.share_info = reductions.reduce_tensor(self.bytes)
-        else:
-            rebuild, args = handle
-            self.bytes = rebuild(*args)
-            self.share_info = handle
-
-    def unlink(self) -> None:
-        pass  # the mapping ends with the owner's buffer
-
-
-class ShmExchange:
-    """Per-sync exchange of training shards through shared memory within a node (see above)."""
-
-    def __init__(self, shards: list[Shard], coords: Coords, tp_size: int, pp_size: int, job_id: str,
-                 device: torch.device) -> None:
-        import torch.distributed as dist
-
-        rank = dist.get_rank()
-        self.shards, self.device = shards, device
-        index, offset = [], 0
-        for s in shards:
-            index.append((s.name, offset, tuple(s.tensor.shape), s.tensor.dtype, s.tp_split))
-            offset += s.tensor.numel() * s.tensor.element_size()
-        if device.type == "cpu":
-            self.own = ShmArena(offset, f"/dev/shm/vime-{job_id}-rank{rank}", create=True)
-            open_peer = lambda info, num_bytes: ShmArena(num_bytes, info, create=False)  # noqa: E731
-        else:
-            self.own = DeviceIpcArena(offset, device)
-            open_peer = lambda info, num_bytes: DeviceIpcArena(num_bytes, device, handle=info)  # noqa: E731
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (coords, rank, self.own.share_info, offset, index))
-        self.peers: dict[tuple[int, int], tuple[ShmArena, dict]] = {}
-        for peer_coords, peer_rank, info, num_bytes, peer_index in everyone:
-            if peer_coords.dp_rank != coords.dp_rank:
-                continue
-            arena = self.own if peer_rank == rank else open_peer(info, num_bytes)
-            self.peers[(peer_coords.tp_rank, peer_coords.pp_rank)] = (arena, {e[0]: e for e in peer_index})
-        # Every peer has mapped the files: unlink them now, so that a crash cannot leave them in /dev/shm.
-        dist.barrier()
-        self.own.unlink()
-        self.tp_size, self.pp_size = tp_size, pp_size
-        self.order = [[e[0] for e in self.peers[(0, pp)][1].values()] for pp in range(pp_size)]
-        self.own_index = index
-
-    def pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
-        """Publish this rank's shards, then yield (name, pieces in TP order) for every parameter of the model.
-        The pieces are views into the arenas, valid until `release()`, which every rank must call after it."""
-        import torch.distributed as dist
-
-        with torch.no_grad():
-            for shard, (_, offset, shape, dtype, _) in zip(self.shards, self.own_index):
-                self.own.view(offset, shape, dtype).copy_(shard.tensor)
-        self._synchronize()
-        dist.barrier()  # every arena is written
-        for pp in range(self.pp_size):
-            for name in self.order[pp]:
-                split = self.peers[(0, pp)][1][name][4]
-                owners = range(self.tp_size) if split else range(1)
-                views = []
-                for tp in owners:
-                    arena, index = self.peers[(tp, pp)]
-                    _, offset, shape, dtype, _ = index[name]
-                    views.append(arena.view(offset, shape, dtype))
-                yield name, views
-
-    def release(self) -> None:
-        """After the engine took everything from the views: nobody rewrites its arena (at the next sync) while a
-        peer may still read it. Called once the last bucket is loaded, not when the last view is handed out."""
-        import torch.distributed as dist
-
-        self._synchronize()
-        dist.barrier()
-
-    def _synchronize(self) -> None:
-        """Device copies are asynchronous: finish them before telling the peers."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "npu":
-            torch.npu.synchronize(self.device)  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        for arena, _ in self.peers.values():
-            if arena is not self.own:
-                arena.close()
-        self.own.close()
+    @property
+    def direct(self) -> bool:
+        return self.format == "direct"
 
 
 class WeightSync:
     """The whole update: trainer shards -> (engine shares | HF tensors) -> engine, over the chosen transport."""
 
-    def __init__(self, actor, acc_kind: str, transport: str, buffer_size_bytes: int, sync_format: str = "reload",
-                 engine_tensors: dict[str, EngineTensor] | None = None, engine_rank: int = 0,
-                 engine_size: int = 1) -> None:
-        import socket
-        import uuid
-
-        import torch.distributed as dist
-
-        self.actor, self.buffer_size_bytes = actor, buffer_size_bytes
-        self.format = choose_format(sync_format, acc_kind)
-        if self.format == "direct" and engine_tensors is None:
+    def __init__(self, source: WeightSource, plan: SyncPlan,
+                 engine_tensors: dict[str, EngineTensor] | None = None) -> None:
+        """`source`: the trainer's weights (its layout and device included); `engine_tensors`: this rank's engine
+        tensors, which the direct format writes (`RolloutEngine.tensors()`)."""
+        if plan.direct and engine_tensors is None:
             raise ValueError("the direct weight sync needs the engine's tensors (engine_tensors)")
-        self.engine_tensors, self.engine_rank, self.engine_size = engine_tensors, engine_rank, engine_size
-        coords, host = actor.coords(), socket.gethostname()
+        self.source, self.plan, self.engine_tensors = source, plan, engine_tensors
+        layout, acc = source.layout, source.acc
+        host = socket.gethostname()
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (coords, host, engine_rank, engine_tensors))
-        replica = [entry for entry in everyone if entry[0].dp_rank == coords.dp_rank]  # this training replica
+        dist.all_gather_object(everyone, (layout, host, engine_tensors))
+        replica = [entry for entry in everyone if entry[0].dp_rank == layout.dp_rank]  # this training replica
         replica_on_one_node = all(entry[1] == host for entry in replica)
-        self.transport = choose_transport(transport, acc_kind, replica_on_one_node, actor.tp_size * actor.pp_size)
+        self.transport = choose_transport(plan.transport, acc.kind, replica_on_one_node,
+                                          layout.tp_size * layout.pp_size)
         self.exchange, self.local_only = None, frozenset()
-        if self.transport == "collective" and self.format == "direct" and actor.tp_size > 1:
-            plan = actor.parameter_plan()
-            self.local_only = own_piece_suffices(plan, actor.tp_size, [(c.tp_rank, e, t) for c, _, e, t in replica],
-                                                 actor.to_engine, engine_size)
+        if self.transport == "collective" and plan.direct and layout.tp_size > 1:
+            params = source.parameter_plan()
+            self.local_only = own_piece_suffices(params, layout.tp_size,
+                                                 [(peer.tp_rank, peer.engine_rank, t) for peer, _, t in replica],
+                                                 source.to_engine, layout.engine_size)
             logger.info("weight sync: %d of %d tensor-parallel parameters need no gather (each rank's own piece "
-                        "holds its engine share)", len(self.local_only), sum(split for *_, split in plan))
+                        "holds its engine share)", len(self.local_only), sum(split for *_, split in params))
         if self.transport == "shm":
             job_id = [uuid.uuid4().hex[:12]]
             dist.broadcast_object_list(job_id, src=0)
-            self.exchange = ShmExchange(actor.shards(), coords, actor.tp_size, actor.pp_size, job_id[0],
-                                        actor.acc.torch_device)
+            self.exchange = ShmExchange(source.shards(), layout, job_id[0], acc)
+
+    @property
+    def format(self) -> str:
+        return self.plan.format
 
     def pieces(self) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """(Megatron name, TP pieces) of every parameter of the model, on every rank."""
         if self.exchange is None:
-            return self.actor.gathered_pieces(self.local_only)
+            return self.source.gathered_pieces(self.local_only)
         return self.exchange.pieces()
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -395,20 +237,21 @@ class WeightSync:
 
     def _hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, pieces in self.pieces():
-            yield from self.actor.to_hf(name, pieces)
+            yield from self.source.to_hf(name, pieces)
 
     def update(self, target) -> SyncStats:
         """Load the trainer's weights into the engine through `target` (the memory manager, or the engine
         itself): `write_weights(writes)` per bucket (direct) or `load_weights(named_tensors)` (reload)."""
-        if self.format == "reload":
-            stats = sync_weights(self._hf_weights(), target.load_weights, self.buffer_size_bytes)
-        else:
+        if self.plan.direct:
             stats = self._update_direct(target.write_weights)
+        else:
+            stats = sync_weights(self._hf_weights(), target.load_weights, self.plan.buffer_size_bytes)
         if self.exchange is not None:
             self.exchange.release()
         return stats
 
     def _update_direct(self, write: Callable[[list[Write]], dict[str, int]]) -> SyncStats:
+        layout = self.source.layout
         stats, written = SyncStats(), dict.fromkeys(self.engine_tensors, 0)
         bucket: list[Write] = []
         bucket_bytes = 0
@@ -423,10 +266,10 @@ class WeightSync:
         # Sources are views of the training pieces (shm arenas, or gathered copies): the bucket bounds how many
         # gathered pieces are alive at once; arena views cost nothing.
         for name, pieces in self.pieces():
-            writes = self.actor.to_engine(name, pieces, self.engine_rank, self.engine_size, self.engine_tensors)
+            writes = self.source.to_engine(name, pieces, layout.engine_rank, layout.engine_size, self.engine_tensors)
             bucket += writes
             bucket_bytes += sum(w.num_bytes for w in writes)
-            if bucket_bytes >= self.buffer_size_bytes:
+            if bucket_bytes >= self.plan.buffer_size_bytes:
                 flush()
         if bucket:
             flush()

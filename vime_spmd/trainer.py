@@ -9,14 +9,13 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .build import build_colocated
 from .config import Config, dump, validate
 from .data import PromptDataset
 from .device import init_distributed, select_accelerator
-from .memory import MemoryManager
 from .metrics import MetricsLog, StepTimer
 from .parallel import Layout
 from .step import RLStep
-from .sync import WeightSync, choose_format
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ def prepare(cfg: Config) -> PromptDataset:
 
 def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     """Run `--num-rollout` steps; returns the per-step records (also written to metrics.jsonl)."""
-    from transformers import AutoConfig
-
     acc = select_accelerator(cfg.parallel.device)
     init_distributed(acc)
     torch.manual_seed(cfg.train.seed)
@@ -61,23 +58,9 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
     if layout.rank == 0:
         dump(cfg, Path(cfg.log.log_dir) / "config.json")
 
-    from .rollout.engine import RolloutEngine
-    from .train.megatron import MegatronActor
-
-    memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
-                           engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint), memory=memory)
-    start_step = checkpoint.load(cfg.checkpoint.load, actor, dataset, layout) if cfg.checkpoint.load else 0
-    # The trainer pauses before the engine starts, so that vLLM sizes its KV cache against what is then free.
-    p = cfg.parallel
-    sync_format = choose_format(p.weight_sync_format, acc.kind)
-    engine = memory.start_engine(lambda: RolloutEngine(cfg, acc, layout, direct_sync=sync_format == "direct"),
-                                 cfg.rollout.vllm_gpu_memory_utilization)
-    sync = WeightSync(actor, acc.kind, p.weight_sync_transport, p.update_weight_buffer_size, sync_format,
-                      engine.tensors() if sync_format == "direct" else None, layout.engine_rank, layout.engine_size)
-    logger.info("weight sync: %s format, %s transport, buckets of %d MiB", sync.format, sync.transport,
-                p.update_weight_buffer_size >> 20)
-    step = RLStep(cfg, layout, dataset, actor, engine, memory, sync, lambda: StepTimer(acc))
+    parts = build_colocated(cfg, acc, layout, dataset)
+    actor, start_step = parts.actor, parts.start_step
+    step = RLStep(cfg, layout, dataset, actor, parts.engine, parts.memory, parts.sync, lambda: StepTimer(acc))
     records = []
     try:
         if start_step:
@@ -93,10 +76,7 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
             if c.save and (i == cfg.train.num_rollout or (c.save_interval and i % c.save_interval == 0)):
                 checkpoint.save(c.save, i, actor, dataset, layout)
     finally:
-        # Megatron's groups first, then the engine (its cleanup destroys the default group), then the rest.
-        sync.close()
-        actor.close()
-        engine.close()
+        parts.close()  # Megatron's groups, then the engine (its cleanup destroys the default group), then the rest
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return records

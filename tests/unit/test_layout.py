@@ -75,6 +75,13 @@ def test_pipeline_stages_are_the_slowest_dimension():
     assert {l.dp_size for l in ranks} == {2}
 
 
+def test_pipeline_ranks_name_the_stages_of_each_rank_s_own_pipeline():
+    # 8 ranks, TP 2, PP 2, DP 2 (as above): rank 3 (tp 1, dp 1, stage 0) pipelines with rank 7 (tp 1, dp 1, stage 1)
+    ranks = pipeline_layouts(8, tp=2, pp=2)
+    assert [l.pipeline_ranks for l in ranks] == [[0, 4], [1, 5], [2, 6], [3, 7]] * 2
+    assert pipeline_layouts(2, tp=1, pp=1)[1].pipeline_ranks == [1]
+
+
 def test_stages_of_one_pipeline_train_on_the_same_rows():
     ranks = pipeline_layouts(4, tp=1, pp=2)  # DP 2: ranks 0 and 2 are one pipeline, 1 and 3 the other
     assert ranks[0].train_rows(16, 8) == ranks[2].train_rows(16, 8) == [0, 1, 2, 3, 8, 9, 10, 11]

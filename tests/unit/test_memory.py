@@ -120,7 +120,9 @@ def run_step(memory: MemoryManager, device: FakeDevice) -> dict:
     memory.engine_wake_weights()
     memory.load_weights(iter([("w", torch.zeros(1))]))
     memory.engine_wake_kv()
-    return memory.metrics()
+    record = memory.metrics()
+    memory.reset_readings()
+    return record
 
 
 def trained(kind: str = "cuda", **kw):
@@ -158,6 +160,19 @@ def test_happy_order_drives_both_owners_in_order_and_records_free_memory():
     }
     # The next step's reading before rollout is the one taken when the KV cache woke.
     assert run_step(memory, device)["memory/free_before_rollout_gib"] == 72.0
+
+
+def test_reading_the_metrics_changes_nothing_and_reset_starts_the_next_step():
+    memory, device, log, engine = started()
+    for transition in (memory.engine_sleep, memory.train_wake, memory.train_sleep, memory.engine_wake_weights):
+        transition()
+    memory.load_weights(iter([("w", torch.zeros(1))]))
+    memory.engine_wake_kv()
+    first = memory.metrics()
+    assert memory.metrics() == first and len(first) == len(FREE_MEMORY_KEYS)  # read twice: the same
+    memory.reset_readings()
+    # Only the reading taken as the KV cache woke (72 GiB free) carries over, as the next step's before_rollout.
+    assert memory.metrics() == {"memory/free_before_rollout_gib": 72.0}
 
 
 def test_start_engine_pauses_the_whole_trainer_first():

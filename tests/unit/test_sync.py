@@ -116,3 +116,15 @@ def test_unknown_format_names_the_flag_and_the_choices():
 
     with pytest.raises(ValueError, match="--weight-sync-format 'fast': choose one of auto, direct, reload"):
         choose_format("fast", "cpu")
+
+
+def test_sync_plan_resolves_the_format_once_from_the_flags():
+    from vime_spmd.config import parse_config
+    from vime_spmd.sync import SyncPlan
+
+    cfg = parse_config(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--weight-sync-transport", "shm",
+                        "--update-weight-buffer-size", "4096"])
+    # auto: direct on CPU and CUDA, reload on Ascend; the transport stays as asked until every rank's host is known
+    assert SyncPlan.from_flags(cfg.parallel, "cpu") == SyncPlan("direct", "shm", 4096)
+    assert SyncPlan.from_flags(cfg.parallel, "npu") == SyncPlan("reload", "shm", 4096)
+    assert SyncPlan.from_flags(cfg.parallel, "cuda").direct

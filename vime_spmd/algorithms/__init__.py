@@ -1,4 +1,4 @@
-"""Pure tensor functions of the RL algorithm: advantages and losses."""
+"""Pure tensor functions of the RL algorithm: advantages, losses, and the actor's loss assembled from them."""
 
 from vime_spmd.algorithms.advantages import ADVANTAGE_ESTIMATORS, compute_advantages
 from vime_spmd.algorithms.losses import (
@@ -10,10 +10,13 @@ from vime_spmd.algorithms.losses import (
     masked_sum,
     policy_loss,
 )
+from vime_spmd.algorithms.objective import ACTOR_LOSS_METRICS, actor_loss
 
 __all__ = [
+    "ACTOR_LOSS_METRICS",
     "ADVANTAGE_ESTIMATORS",
     "KL_PENALTY_TYPES",
+    "actor_loss",
     "aggregate",
     "compute_advantages",
     "entropy_from_logits",

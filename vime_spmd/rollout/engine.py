@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..batch import Sample
-from ..config import Config
+from ..config import RolloutConfig
 from ..device import Accelerator
 from ..parallel import Layout
-from ..sync import EngineTensor, Write, apply_write
+from ..weights import EngineTensor, Write, apply_write
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +45,22 @@ def _guard_process_state():
 
 
 class RolloutEngine:
-    def __init__(self, cfg: Config, acc: Accelerator, layout: Layout, direct_sync: bool = False) -> None:
-        """`direct_sync`: the weight sync will write the engine's tensors itself (`write_weights`); on CPU the
-        engine then keeps plain weights for its linear layers (see `vllm_patches.plain_cpu_linear_weights`)."""
+    def __init__(self, rollout: RolloutConfig, model_path: str, seed: int, acc: Accelerator, layout: Layout,
+                 direct_sync: bool = False) -> None:
+        """`model_path`: the HF model folder (architecture, tokenizer and, unless --vllm-load-format dummy, the first
+        weights); `direct_sync`: the weight sync will write the engine's tensors itself (`write_weights`); on CPU
+        the engine then keeps plain weights for its linear layers (see `vllm_patches.plain_cpu_linear_weights`)."""
         from vllm import LLM
 
         from .vllm_patches import plain_cpu_linear_weights
 
-        r = cfg.rollout
+        r = rollout
         kwargs = dict(
-            model=cfg.model.hf_checkpoint,
+            model=model_path,
             distributed_executor_backend="external_launcher",
             tensor_parallel_size=layout.engine_size,
             # Engines sample independently: one seed per engine, the same on the ranks of an engine.
-            seed=cfg.train.seed + layout.engine_index,
+            seed=seed + layout.engine_index,
             max_model_len=r.rollout_max_prompt_len + r.rollout_max_response_len,
             logprobs_mode="processed_logprobs",  # log softmax(logits / T): what the trainer computes
             enable_prefix_caching=False,
@@ -77,14 +79,14 @@ class RolloutEngine:
         plain_weights = plain_cpu_linear_weights() if direct_sync and acc.kind == "cpu" else contextlib.nullcontext()
         with _guard_process_state(), plain_weights:
             self.llm = LLM(**kwargs)
-        self.cfg = cfg
+        self.rollout = rollout
         self._tensors: dict[str, torch.Tensor] | None = None
 
     def generate(self, prompts: list[list[int]], labels: list[str]) -> list[Sample]:
         """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs."""
         from vllm import SamplingParams
 
-        r = self.cfg.rollout
+        r = self.rollout
         params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
                                 max_tokens=r.rollout_max_response_len, logprobs=0)
         with _guard_process_state():

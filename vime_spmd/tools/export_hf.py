@@ -44,12 +44,13 @@ def export(out: str, run_flags: list[str]) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from ..train.megatron import MegatronActor
+    from ..train.megatron import MegatronActor, MegatronExport
 
     layout = Layout.of_world(cfg.parallel)
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
+    actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
+    export = MegatronExport.of(actor)
     step = checkpoint.load(cfg.checkpoint.load, actor, _NoData(), layout)
-    weights = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in actor.hf_weights()}
+    weights = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in export.hf_weights()}
     if layout.rank == 0:
         final = Path(out)
         tmp = final.with_name(final.name + ".tmp")

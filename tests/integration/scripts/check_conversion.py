@@ -11,8 +11,9 @@ import torch
 
 from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
-from vime_spmd.train.megatron import MegatronActor
-from vime_spmd.train.megatron.actor import load_hf_state_dict
+from vime_spmd.parallel import Layout
+from vime_spmd.train.megatron import MegatronActor, MegatronExport
+from vime_spmd.train.megatron.model import load_hf_state_dict
 from vime_spmd.train.megatron.vocab_parallel import logprobs_and_entropy
 
 
@@ -22,7 +23,7 @@ def check(acc, model_dir: str, tp: int, divisible_by: int) -> dict | None:
 
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by", str(divisible_by)])
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
+    actor = MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
     vocab = actor.shape.vocab_size
     torch.manual_seed(0)
     tokens = torch.randint(0, vocab, (2, 24))
@@ -36,7 +37,7 @@ def check(acc, model_dir: str, tp: int, divisible_by: int) -> dict | None:
         megatron_logits = torch.cat(shards, dim=-1)
         logp, entropy = logprobs_and_entropy(local, labels, 1.0, True, vocab_size=vocab)
         unmasked_logp, _ = logprobs_and_entropy(local, labels, 1.0, False)
-    exported = dict(actor.hf_weights())
+    exported = dict(MegatronExport.of(actor).hf_weights())
     report = None
     if torch.distributed.get_rank() == 0:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

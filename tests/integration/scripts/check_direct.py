@@ -8,32 +8,28 @@ import sys
 
 import torch
 
+from vime_spmd.build import build_colocated
 from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
-from vime_spmd.rollout.engine import RolloutEngine
-from vime_spmd.sync import WeightSync
-from vime_spmd.train.megatron import MegatronActor
 
 
 def main(model_dir: str, tp: int, engine_tp: int, transport: str, divisible_by: int, out: str) -> None:
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--rollout-num-gpus-per-engine", str(engine_tp),
-                        "--make-vocab-size-divisible-by", str(divisible_by), "--vllm-kv-cache-bytes", str(16 << 20)])
+                        "--make-vocab-size-divisible-by", str(divisible_by), "--vllm-kv-cache-bytes", str(16 << 20),
+                        "--weight-sync-format", "direct", "--weight-sync-transport", transport,
+                        "--update-weight-buffer-size", str(64 << 10)])
     acc = select_accelerator("cpu")
     init_distributed(acc)
-    from transformers import AutoConfig
-
     layout = Layout.of_world(cfg.parallel)
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
-    engine = RolloutEngine(cfg, acc, layout, direct_sync=True)
+    run = build_colocated(cfg, acc, layout)
+    engine, sync = run.engine, run.sync
     live = engine.llm.apply_model(lambda model: dict(model.named_parameters()))[0]
     by_vllm = {name: t.detach().clone() for name, t in live.items()}
     with torch.no_grad():
         for t in live.values():
             t.fill_(float("nan"))
-    sync = WeightSync(actor, "cpu", transport, 64 << 10, "direct", engine.tensors(), layout.engine_rank,
-                      layout.engine_size)
     stats = sync.update(engine)
     mismatches = [name for name, t in live.items() if not torch.equal(t, by_vllm[name])]
     report = [None] * torch.distributed.get_world_size()
@@ -45,9 +41,7 @@ def main(model_dir: str, tp: int, engine_tp: int, transport: str, divisible_by: 
     if layout.rank == 0:
         with open(out, "w") as f:
             json.dump({"transport": sync.transport, "ranks": report}, f)
-    sync.close()
-    actor.close()
-    engine.close()
+    run.close()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from vime_spmd.batch import Sample, TrainInputs
 from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
-from vime_spmd.train.megatron import MegatronActor
-from vime_spmd.train.megatron.actor import load_hf_state_dict
+from vime_spmd.train.megatron import MegatronActor, MegatronExport
+from vime_spmd.train.megatron.model import load_hf_state_dict
 
 NUM_SAMPLES = 8  # one optimizer step over all of them
 MICRO_BATCH = 2
@@ -44,7 +44,7 @@ def compare_with_transformers(actor, model_dir: str, samples: list[Sample]) -> d
     tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def gathered_logits(k, batch, logits):
-        shards = [torch.empty_like(logits) for _ in range(actor.tp_size)]
+        shards = [torch.empty_like(logits) for _ in range(actor.layout.tp_size)]
         torch.distributed.all_gather(shards, logits.contiguous(), group=tp_group)
         return logits.new_zeros(()), 0, torch.cat(shards, dim=-1)[..., : actor.shape.vocab_size]
 
@@ -111,16 +111,15 @@ def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int) -> dict:
                         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
                         "--micro-batch-size", str(MICRO_BATCH), "--lr", str(LR), "--use-kl-loss",
                         "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--seed", "3"])
+    layout = Layout.of_world(cfg.parallel)  # the actor checks that Megatron's groups agree with it
     start = time.perf_counter()
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
+    actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(model_dir))
+    export = MegatronExport.of(actor)
     build_s = time.perf_counter() - start
-    world = torch.distributed.get_world_size()
-    layout = Layout(rank=torch.distributed.get_rank(), world_size=world, tp_size=tp, engine_size=1, pp_size=pp)
-    assert (layout.dp_rank, layout.pp_rank) == (actor.coords().dp_rank, actor.coords().pp_rank), "Layout != Megatron"
     samples = synthetic_samples(actor.shape.vocab_size, NUM_SAMPLES, seed=11)
     report = {"layout": f"tp{tp}-pp{pp}-dp{layout.dp_size}", "build_s": build_s}
     report |= compare_with_transformers(actor, model_dir, samples[:5])  # 5: the last micro-batch is short
-    exported = dict(actor.hf_weights())
+    exported = dict(export.hf_weights())
     original = load_hf_state_dict(model_dir)
     report["exported_names_equal"] = sorted(exported) == sorted(original)
     report["mismatched_tensors"] = [k for k in original
@@ -130,7 +129,7 @@ def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int) -> dict:
     report["param_norm_after"] = actor.param_norm()
     # After the step: the last stage's copy of tied embeddings must have moved with the first stage's.
     report["logprobs_after"] = actor.compute_logprobs(samples).tolist()
-    updated = dict(actor.hf_weights())
+    updated = dict(export.hf_weights())
     report["max_update"] = max((updated[k] - original[k]).abs().max().item() for k in original)
     if torch.distributed.get_rank() == 0:
         torch.save(updated, out / f"{case}.pt")

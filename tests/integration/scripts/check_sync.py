@@ -9,8 +9,9 @@ import torch
 
 from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
-from vime_spmd.sync import WeightSync
-from vime_spmd.train.megatron import MegatronActor
+from vime_spmd.parallel import Layout
+from vime_spmd.sync import SyncPlan, WeightSync
+from vime_spmd.train.megatron import MegatronActor, MegatronExport
 
 
 class Collect:
@@ -31,11 +32,13 @@ def main(model_dir: str, tp: int, transport: str, out: str) -> None:
     init_distributed(acc)
     from transformers import AutoConfig
 
-    actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
-    sync = WeightSync(actor, "cpu", transport, buffer_size_bytes=64 << 10)
+    # No engine: `Collect` stands in for it, so the reload format (full HF tensors) is what it receives.
+    actor = MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
+    export = MegatronExport.of(actor)
+    sync = WeightSync(export, SyncPlan("reload", transport, buffer_size_bytes=64 << 10))
     mismatches, num_buckets = [], []
     for round_ in range(2):
-        expected = {k: v.clone() for k, v in actor.hf_weights()}
+        expected = {k: v.clone() for k, v in export.hf_weights()}
         got = {}
         stats = sync.update(Collect(got))
         num_buckets.append(stats.num_buckets)
@@ -45,7 +48,7 @@ def main(model_dir: str, tp: int, transport: str, out: str) -> None:
                 p.add_(0.5)
     # A slow engine rank: rank 1 takes 50 ms per bucket, rank 0 none, and overwrites its arena (as its next sync
     # would) the moment its update returns. What rank 1 loads must still be this sync's weights.
-    expected = {k: v.clone() for k, v in actor.hf_weights()}
+    expected = {k: v.clone() for k, v in export.hf_weights()}
     got = {}
     sync.update(Collect(got, delay_s=0.05 if torch.distributed.get_rank() == 1 else 0.0))
     if sync.exchange is not None:

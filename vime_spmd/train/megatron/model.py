@@ -1,16 +1,21 @@
-"""Building the Megatron model from a `ModelShape`: the one place that constructs a GPTModel.
+"""Building the Megatron model from a `ModelShape` and filling it from HF weights: the one place that constructs a
+GPTModel, and the names its parameters go by outside this package.
 
 megatron-core 0.19 deprecates GPTModel in favour of HybridModel; keeping construction here lets it follow.
 A `ModelShape` comes from a family module (`families.family_for(hf_config).shape_from_hf(...)`), which reads the
-HF config and refuses what the GPTModel below cannot reproduce exactly.
+HF config and refuses what the GPTModel below cannot reproduce exactly. Parameters are named globally
+(`decoder.layers.{offset + i}`) wherever they leave this package.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -116,3 +121,89 @@ def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool
         rope_scaling=shape.rope_scaling_factor is not None,
         rope_scaling_factor=shape.rope_scaling_factor or 8.0,
     )
+
+
+# ---- filling a stage's model from an HF checkpoint -----------------------------------------------------------
+
+class LazyHFState(Mapping):
+    """An HF checkpoint's tensors by name, each read from its safetensors file only when asked for, so that a rank
+    holds its own shards rather than the whole model while converting."""
+
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"--hf-checkpoint {path}: no *.safetensors weights found; point it at an HF model folder")
+        self._files = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+        self._where = {name: handle for handle in self._files for name in handle.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_hf_state_dict(path: str) -> Mapping[str, torch.Tensor]:
+    return LazyHFState(path)
+
+
+def build_from_hf(hf_path: str, family, shape: ModelShape, layout, dtype: torch.dtype,
+                  device: torch.device) -> GPTModel:
+    """This rank's GPTModel (its TP shard of its pipeline stage, per `layout`), its weights read from `hf_path` and
+    converted by `family`. Raises ValueError when the checkpoint lacks a weight or holds one the model does not use
+    (over all stages)."""
+    pp = layout.pp_size
+    model = build_gpt_model(shape, layout.tp_size, dtype, on_cpu=device.type == "cpu", pp=pp,
+                            pre_process=layout.pp_rank == 0, post_process=layout.pp_rank == pp - 1)
+    model.to(device)
+    state = family.to_megatron(load_hf_state_dict(hf_path), shape, layout.tp_rank, layout.tp_size)
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # The last stage's copy of tied embeddings starts as the embedding (Megatron all-reduces it from the
+            # first stage at construction; these weights replace what it copied).
+            source = EMBEDDING if is_tied_copy(name, shape) else global_name(model, name)
+            if source not in state:
+                raise ValueError(f"{hf_path}: no weights for Megatron parameter {source}; is it a {family.name} model?")
+            param.copy_(state[source])
+            used.add(source)
+    if pp > 1:  # the other stages use the rest
+        stages: list = [None] * pp
+        torch.distributed.all_gather_object(stages, used, group=parallel_state.get_pipeline_model_parallel_group())
+        used = set().union(*stages)
+    if set(state) - used:
+        raise ValueError(f"{hf_path}: weights the model does not use: {sorted(set(state) - used)[:5]}")
+    return model
+
+
+# ---- parameter names -------------------------------------------------------------------------------------------
+
+EMBEDDING = "embedding.word_embeddings.weight"
+_LAYERS = "decoder.layers."
+
+
+def global_name(model: torch.nn.Module, name: str) -> str:
+    """A stage's GPTModel numbers its layers `decoder.layers.{i}` from 0; conversion uses the global index, which
+    Megatron keeps as each layer's (1-based) `layer_number`."""
+    if not name.startswith(_LAYERS):
+        return name
+    local, _, rest = name[len(_LAYERS):].partition(".")
+    return f"{_LAYERS}{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
+
+
+def is_tied_copy(name: str, shape: ModelShape) -> bool:
+    """The output layer's weight when it is tied to the embedding: only a last stage without the embedding holds
+    it as a parameter (a copy kept equal by all-reducing its gradient with the first stage's)."""
+    return name == "output_layer.weight" and shape.tie_word_embeddings
+
+
+def own_params(model: torch.nn.Module, shape: ModelShape, tp_size: int) -> list[tuple[str, torch.nn.Parameter, bool]]:
+    """(global Megatron name, parameter, whether TP ranks hold different pieces) of this stage's parameters, without
+    the last stage's copy of tied embeddings (the first stage's embedding is the one)."""
+    return [(global_name(model, name), param, tp_size > 1 and getattr(param, "tensor_model_parallel", False))
+            for name, param in model.named_parameters() if not is_tied_copy(name, shape)]

@@ -1,0 +1,56 @@
+"""The loss the actor's optimiser minimises, per micro-batch: policy loss, entropy bonus and KL, with their metrics.
+
+    loss = pg_loss - entropy_coef * entropy_loss [+ kl_loss_coef * kl_loss]
+
+Each term is aggregated over the micro-batch's tokens (or sequences) and divided by `denominator`, the count over
+the whole optimizer step on all data-parallel ranks, so that summing over micro-batches and ranks (Megatron sums
+gradients over data parallel) gives the step's mean exactly, whatever the split. The metrics follow the same rule:
+every value is this micro-batch's contribution to the step's value (sum them; never average them).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..config import AlgorithmConfig
+from .losses import aggregate, kl_penalty, policy_loss
+
+ACTOR_LOSS_METRICS = ("entropy_loss", "kl_loss", "pg_clipfrac", "pg_loss", "ppo_kl")
+
+
+def actor_loss(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+               denominator: float, algo: AlgorithmConfig, *, ref_logprobs: Tensor | None = None,
+               rollout_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    """(scalar loss to backpropagate, metrics) of one micro-batch.
+
+    Args:
+        logprobs, entropy: [B, T] of the current policy (carry the gradient).
+        old_logprobs, advantages: [B, T], from before the update.
+        mask: [B, T] 1.0 on the response tokens trained on.
+        denominator: tokens (`calculate_per_token_loss`) or sequences of the optimizer step over all
+            data-parallel ranks (> 0).
+        algo: the clip ranges, estimator (gspo takes the sequence-level ratio), TIS, KL and entropy settings.
+        ref_logprobs: [B, T] of the reference model; used with `use_kl_loss`.
+        rollout_logprobs: [B, T] of the engine; used with `use_tis`.
+
+    Metrics (floats, keys `ACTOR_LOSS_METRICS`): pg_loss, entropy_loss, kl_loss (0 without `use_kl_loss`), and
+    pg_clipfrac and ppo_kl: this micro-batch's means weighted by its share of the step's tokens (or sequences).
+    """
+    per_token = algo.calculate_per_token_loss
+    tis = dict(rollout_logprobs=rollout_logprobs, tis_clip=algo.tis_clip,
+               tis_clip_low=algo.tis_clip_low) if algo.use_tis else {}
+    pg, pg_metrics = policy_loss(logprobs, old_logprobs, advantages, mask, eps_clip=algo.eps_clip,
+                                 eps_clip_high=algo.eps_clip_high, eps_clip_c=algo.eps_clip_c,
+                                 sequence_level_ratio=algo.advantage_estimator == "gspo", **tis)
+    pg_loss = aggregate(pg, mask, per_token, denominator)
+    entropy_loss = aggregate(entropy, mask, per_token, denominator)
+    loss = pg_loss - algo.entropy_coef * entropy_loss
+    metrics = {"pg_loss": pg_loss.item(), "entropy_loss": entropy_loss.item(), "kl_loss": 0.0}
+    if algo.use_kl_loss:
+        kl_loss = aggregate(kl_penalty(logprobs, ref_logprobs, algo.kl_loss_type), mask, per_token, denominator)
+        loss = loss + algo.kl_loss_coef * kl_loss
+        metrics["kl_loss"] = kl_loss.item()
+    share = (mask.sum().item() if per_token else float(mask.size(0))) / denominator
+    metrics["pg_clipfrac"] = pg_metrics["clipfrac"].item() * share
+    metrics["ppo_kl"] = pg_metrics["ppo_kl"].item() * share
+    return loss, metrics
