@@ -62,7 +62,9 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
         dump(cfg, Path(cfg.log.log_dir) / "config.json")
 
     from .rollout.engine import RolloutEngine
-    from .train.megatron import MegatronActor
+    from .train.megatron import load_actor
+
+    MegatronActor = load_actor(acc)  # noqa: N806 (a class: the platform's megatron patches come first)
 
     memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
                            engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)

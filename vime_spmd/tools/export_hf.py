@@ -44,8 +44,9 @@ def export(out: str, run_flags: list[str]) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from ..train.megatron import MegatronActor
+    from ..train.megatron import load_actor
 
+    MegatronActor = load_actor(acc)  # noqa: N806 (a class)
     layout = Layout.of_world(cfg.parallel)
     actor = MegatronActor(cfg, acc, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
     step = checkpoint.load(cfg.checkpoint.load, actor, _NoData(), layout)

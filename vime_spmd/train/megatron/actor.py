@@ -30,7 +30,7 @@ from ...algorithms import aggregate, kl_penalty, policy_loss
 from ...batch import Sample, TrainInputs, response_mask
 from ...config import Config
 from ...device import Accelerator
-from .cpu_patches import apply_cpu_patches
+from . import apply_platform_patches
 from .families import family_for
 from .model import build_gpt_model
 from .vocab_parallel import logprobs_and_entropy
@@ -70,8 +70,7 @@ class MegatronActor:
         """`memory`: the MemoryManager whose regions hold this actor's device memory (None: plain allocation)."""
         self.cfg, self.acc = cfg, acc
         tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-        if acc.kind == "cpu":
-            apply_cpu_patches()
+        apply_platform_patches(acc)  # already applied through load_actor; refuses on NPU if not
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         model_parallel_cuda_manual_seed(cfg.train.seed, inference_rng_tracker=acc.kind == "cpu")
         self.family = family_for(hf_config)
