@@ -49,7 +49,7 @@ def apply_mindspeed_adaptor(flags: Mapping[str, object] | None = None) -> None:
     Why the argv swap: at import MindSpeed parses `sys.argv` with `parse_known_args`, keeps the flags it does not
     know as strings, and copies all of them into every TransformerConfig (our `--tensor-model-parallel-size 2`
     would become a string field). It sees only `flags`; without Megatron-LM's training package it keeps what it
-    parsed here for the whole process. The flags that matter on megatron-core are listed in README, "Ascend"."""
+    parsed here for the whole process. The flags that matter on megatron-core: docs/ascend.md."""
     global _applied_flags
     wanted = dict(flags or {})
     if _applied_flags is not None:
