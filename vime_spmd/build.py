@@ -22,7 +22,10 @@ from .sync import SyncPlan, WeightSync
 
 if TYPE_CHECKING:  # megatron and vllm are imported only when building
     from .rollout.engine import RolloutEngine
-    from .train.megatron import MegatronActor, MegatronExport
+    from .train.megatron import load_actor
+
+    MegatronActor = load_actor(acc)  # noqa: N806 (a class: the platform's megatron patches come first)
+    from .train.megatron import MegatronExport
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,10 @@ def build_colocated(cfg: Config, acc: Accelerator, layout: Layout, dataset=None)
     from transformers import AutoConfig
 
     from .rollout.engine import RolloutEngine
-    from .train.megatron import MegatronActor, MegatronExport
+    from .train.megatron import load_actor
+
+    MegatronActor = load_actor(acc)  # noqa: N806 (a class: the platform's megatron patches come first)
+    from .train.megatron import MegatronExport
 
     memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
                            engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)

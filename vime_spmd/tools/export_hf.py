@@ -44,7 +44,10 @@ def export(out: str, run_flags: list[str]) -> None:
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from ..train.megatron import MegatronActor, MegatronExport
+    from ..train.megatron import load_actor
+
+    MegatronActor = load_actor(acc)  # noqa: N806 (a class)
+    from ..train.megatron import MegatronExport
 
     layout = Layout.of_world(cfg.parallel)
     actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))

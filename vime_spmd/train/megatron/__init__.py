@@ -1,6 +1,56 @@
-"""The Megatron-core training backend: the only package that imports megatron."""
+"""The Megatron-core training backend: the only package that imports megatron.
 
-from .actor import MegatronActor
-from .export import MegatronExport
+Importing this package does not import megatron: `load_actor(acc)` applies the accelerator's patches first and
+then imports the actor, because on Ascend MindSpeed must patch megatron-core before its first import.
+"""
 
-__all__ = ["MegatronActor", "MegatronExport"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...device import Accelerator
+
+if TYPE_CHECKING:
+    from .actor import MegatronActor
+    from .export import MegatronExport  # noqa: F401
+
+# MindSpeed feature flags for our runs (npu_adaptor.mindspeed_argv); none yet: its basic NPU adaptation.
+MINDSPEED_FLAGS: dict[str, object] = {}
+
+
+def apply_platform_patches(acc: Accelerator) -> None:
+    """The one place that chooses what megatron-core is patched with on `acc`: MindSpeed's adaptor on NPU (before
+    megatron is imported), our CPU shims on CPU, nothing on CUDA. Idempotent."""
+    if acc.kind == "npu":
+        from .npu_adaptor import apply_mindspeed_adaptor
+
+        apply_mindspeed_adaptor(MINDSPEED_FLAGS)
+    elif acc.kind == "cpu":
+        from .cpu_patches import apply_cpu_patches
+
+        apply_cpu_patches()
+
+
+def load_actor(acc: Accelerator) -> type[MegatronActor]:
+    """The actor class, imported after `acc`'s patches were applied (the only order that works on NPU)."""
+    apply_platform_patches(acc)
+    from .actor import MegatronActor
+
+    return MegatronActor
+
+
+def __getattr__(name: str):
+    # `from vime_spmd.train.megatron import MegatronActor` still works where no patch must precede megatron's
+    # import (CPU and CUDA scripts); on NPU the actor itself refuses to be built without the adaptor.
+    if name == "MegatronActor":
+        from .actor import MegatronActor
+
+        return MegatronActor
+    if name == "MegatronExport":
+        from .export import MegatronExport
+
+        return MegatronExport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MegatronActor", "MegatronExport", "apply_platform_patches", "load_actor"]

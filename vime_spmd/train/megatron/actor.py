@@ -29,7 +29,7 @@ from ...batch import Sample, TrainInputs, response_mask
 from ...config import Config
 from ...device import Accelerator
 from ...parallel import Layout
-from .cpu_patches import apply_cpu_patches
+from . import apply_platform_patches
 from .families import family_for
 from .model import build_from_hf, own_params
 from .vocab_parallel import logprobs_and_entropy
@@ -42,8 +42,7 @@ class MegatronActor:
         """`layout`: this rank's place in the training layout (Megatron's groups are built to match it);
         `memory`: the MemoryManager whose regions hold this actor's device memory (None: plain allocation)."""
         self.cfg, self.acc, self.layout = cfg, acc, layout
-        if acc.kind == "cpu":
-            apply_cpu_patches()
+        apply_platform_patches(acc)  # already applied through load_actor; refuses on NPU if not
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp_size,
                                                  pipeline_model_parallel_size=layout.pp_size)
         megatron_coords = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
