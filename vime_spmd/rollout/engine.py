@@ -26,6 +26,7 @@ from ..config import Config
 from ..device import Accelerator
 from ..parallel import Layout
 from ..sync import EngineTensor, Write, apply_write
+from .sampling import max_response_len, rollout_seed, training_sampling
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,12 @@ class RolloutEngine:
             distributed_executor_backend="external_launcher",
             tensor_parallel_size=layout.engine_size,
             # Engines sample independently: one seed per engine, the same on the ranks of an engine.
-            seed=cfg.train.seed + layout.engine_index,
-            max_model_len=r.rollout_max_prompt_len + r.rollout_max_response_len,
+            seed=rollout_seed(cfg) + layout.engine_index,
+            max_model_len=r.rollout_max_prompt_len + max_response_len(cfg),
             logprobs_mode="processed_logprobs",  # log softmax(logits / T): what the trainer computes
             enable_prefix_caching=False,
             load_format=r.vllm_load_format,
+            use_tqdm_on_load=cfg.log.verbose,
         )
         if layout.num_engines > 1:
             kwargs["data_parallel_size"] = layout.num_engines
@@ -80,19 +82,22 @@ class RolloutEngine:
         self.cfg = cfg
         self._tensors: dict[str, torch.Tensor] | None = None
 
-    def generate(self, prompts: list[list[int]], labels: list[str]) -> list[Sample]:
-        """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs."""
+    def generate(self, prompts: list[list[int]], labels: list[str], seeds: list[int] | None = None,
+                 sampling: dict | None = None) -> list[Sample]:
+        """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs when `sampling` asks for
+        them. `sampling`: SamplingParams arguments (default: the training rollout's); `seeds`: one per prompt
+        (`sampling.request_seeds`), so that the samples do not depend on the engine's shared RNG."""
         from vllm import SamplingParams
 
-        r = self.cfg.rollout
-        params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
-                                max_tokens=r.rollout_max_response_len, logprobs=0)
+        sampling = training_sampling(self.cfg) if sampling is None else sampling
+        params = ([SamplingParams(**sampling, seed=seed) for seed in seeds] if seeds is not None
+                  else SamplingParams(**sampling))
         with _guard_process_state():
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         samples = []
         for prompt, label, out in zip(prompts, labels, outputs):
             for c in out.outputs:
-                token_logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
+                token_logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs or [])]
                 samples.append(Sample(prompt_ids=list(prompt), response_ids=list(c.token_ids),
                                       rollout_logprobs=token_logprobs, label=label, response_text=c.text,
                                       truncated=c.finish_reason == "length"))
