@@ -60,6 +60,12 @@ def set_metrics(name: str, rewards: list[list[float]], lengths: list[int], trunc
     return metrics
 
 
+def is_eval_step(step: int, interval: int | None, last_step: int) -> bool:
+    """Whether an eval follows `step`: every `interval` steps and after the last (the trainer also evaluates before
+    the first step of a run that does not resume)."""
+    return step == last_step or (interval is not None and step % interval == 0)
+
+
 def engine_share(num_items: int, layout: Layout) -> slice:
     """This rank's engine's contiguous share of `num_items`, remainder spread over the first engines (an eval set
     need not divide by the number of engines)."""
@@ -97,9 +103,7 @@ class Evaluator:
         self.custom_reward = load_custom_reward(path) if path else None
 
     def due(self, step: int) -> bool:
-        """After `step`: every --eval-interval steps and after the last (step 0 is before the first)."""
-        interval = self.cfg.eval.eval_interval
-        return step == self.cfg.train.num_rollout or (interval is not None and step % interval == 0)
+        return is_eval_step(step, self.cfg.eval.eval_interval, self.cfg.train.num_rollout)
 
     def run(self, step: int) -> tuple[dict, list[dict]]:
         """(metrics record, per-sample records) of every set at `step`; identical on every rank."""
