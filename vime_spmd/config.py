@@ -144,7 +144,8 @@ class EvalConfig:
                                                    "[NAME PATH ...] (jsonl or .parquet, the --prompt-data schema)",
                                              metavar="NAME PATH")
     eval_interval: int | None = opt(None, "evaluate every this many steps (always before step 1 and after the last)")
-    n_samples_per_eval_prompt: int = opt(1, "responses generated per eval prompt (pass@k for k = 1, 2, 4, ... up to it)")
+    n_samples_per_eval_prompt: int = opt(1, "responses generated per eval prompt (pass@k for k = 1, 2, 4, ... up "
+                                            "to it)")
     eval_max_response_len: int | None = opt(None, "most tokens per eval response (default: --rollout-max-response-len)")
     eval_temperature: float | None = opt(None, "eval sampling temperature, 0 for greedy (default: "
                                                "--rollout-temperature)")

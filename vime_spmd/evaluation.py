@@ -27,7 +27,6 @@ from .rewards import load_custom_reward, score_batch
 from .rollout.sampling import TRAIN_STREAM, eval_sampling, request_seeds, rollout_seed
 
 
-
 def is_correct(reward: float) -> bool:
     """pass@k's notion of a correct sample: a positive reward (the rules score a right answer 1, a wrong one 0, or
     -1 under dapo; the letter task's partial credit counts as correct once any of it is earned)."""

@@ -11,8 +11,8 @@ import torch
 from . import checkpoint
 from .config import Config, dump, validate
 from .data import PromptDataset
-from .evaluation import EvalSet, Evaluator, load_eval_sets
 from .device import init_distributed, select_accelerator
+from .evaluation import EvalSet, Evaluator, load_eval_sets
 from .memory import MemoryManager
 from .metrics import StepTimer
 from .observe import RunLog
