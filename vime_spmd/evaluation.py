@@ -130,8 +130,10 @@ class Evaluator:
         share = engine_share(len(prompts), self.layout)
         mine = prompts[share]
         seeds = request_seeds(self.seed, stream, range(share.start, share.stop))
+        # An engine with no prompts still calls generate: vLLM's data-parallel engines step together (each step
+        # all-reduces whether any engine has work left), so skipping the call would hang the others.
         samples = self.engine.generate([p.prompt_ids for p in mine], [p.label for p in mine], seeds,
-                                       self.sampling) if mine else []
+                                       self.sampling)
         scores, _ = score_batch([s.response_text for s in samples], [s.label for s in samples], d.rm_type,
                                 metadata=[mine[i // n].metadata for i in range(len(samples))],
                                 custom_fn=self.custom_reward, timeout_s=d.reward_timeout_s)

@@ -24,13 +24,13 @@ EVAL_SAMPLES = 4
 def runs(tiny_model, letters_data, tmp_path_factory):
     """(watched run folder, its process, plain run folder): the same seed and training flags."""
     root = tmp_path_factory.mktemp("observe")
-    five = root / "five.jsonl"  # 5 prompts over 2 engines: shares of 2 and 3
-    five.write_text("".join(letters_data.read_text().splitlines(keepends=True)[:5]))
+    one = root / "one.jsonl"  # 1 prompt over 2 engines: one engine has none and must still step with the other
+    one.write_text(letters_data.read_text().splitlines(keepends=True)[0])
     base = ["--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data), *COMMON]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")  # no network; run_ranks passes the environment on
         watched = run_ranks(2, ROOT / "run.py", *base, "--log-dir", str(root / "watched"),
-                            "--eval-prompt-data", "letters", str(letters_data), "five", str(five),
+                            "--eval-prompt-data", "letters", str(letters_data), "one", str(one),
                             "--eval-interval", "2", "--n-samples-per-eval-prompt", str(EVAL_SAMPLES),
                             "--use-tensorboard", "--use-wandb", "--log-samples-interval", "2")
     plain = run_ranks(2, ROOT / "run.py", *base, "--log-dir", str(root / "plain"))
@@ -47,7 +47,7 @@ def test_eval_metrics_at_steps_0_2_3_match_pass_at_k_of_the_recorded_samples(run
     for s in samples:
         groups[s["step"], s["set"]][s["prompt_index"]].append(s["reward"])
     for r in evals:
-        for name, num_prompts in (("letters", 16), ("five", 5)):
+        for name, num_prompts in (("letters", 16), ("one", 1)):
             prompts = groups[r["step"], name]
             assert len(prompts) == num_prompts and all(len(g) == EVAL_SAMPLES for g in prompts.values())
             flat = [x for g in prompts.values() for x in g]
@@ -78,7 +78,7 @@ def test_tensorboard_events_hold_the_scalars_and_samples_written(runs):
     events = EventAccumulator(str(log_dir / "tensorboard"))
     events.Reload()
     metrics = read_metrics(log_dir)
-    for key in ("rollout/raw_reward", "train/grad_norm", "eval/letters/accuracy", "eval/five/pass@4"):
+    for key in ("rollout/raw_reward", "train/grad_norm", "eval/letters/accuracy", "eval/one/pass@4"):
         written = [(r["step"], r[key]) for r in metrics if key in r]
         read = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in read] == [s for s, _ in written]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vime_spmd.config import parse_config, validate
-from vime_spmd.evaluation import engine_share, is_eval_step, pass_at_k, pass_ks, set_metrics
+from vime_spmd.evaluation import engine_share, is_eval_step, load_eval_sets, pass_at_k, pass_ks, set_metrics
 from vime_spmd.parallel import Layout
 from vime_spmd.rollout.sampling import eval_sampling, request_seeds, training_sampling
 
@@ -109,3 +109,9 @@ def test_bad_eval_and_log_flags_are_refused(argv, message):
     cfg = parse_config(BASE + argv)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         validate(cfg, 1)
+
+
+def test_a_missing_eval_file_is_named_with_its_set(tmp_path):
+    cfg = parse_config(BASE + ["--eval-prompt-data", "aime", str(tmp_path / "aime.jsonl")])
+    with pytest.raises(ValueError, match=rf"--eval-prompt-data aime {tmp_path}/aime.jsonl: no such file"):
+        load_eval_sets(cfg, tokenizer=None)
