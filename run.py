@@ -12,19 +12,22 @@ import os
 import sys
 
 from vime_spmd.config import parse_config
-from vime_spmd.trainer import prepare, train
+from vime_spmd.observe import quiet_libraries
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_config()
+    quiet_libraries(cfg.log.verbose)  # before torch, vLLM and transformers are imported (below)
+    from vime_spmd.trainer import prepare, train
+
     try:
-        dataset = prepare(cfg)
+        dataset, eval_sets = prepare(cfg)
     except ValueError as e:  # a user mistake, found before any work: one line, no traceback
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    train(cfg, dataset)
+    train(cfg, dataset, eval_sets)
     return 0
 
 

@@ -142,7 +142,7 @@ def main() -> None:
                         "--rollout-max-response-len", "64", "--micro-batch-size", "8", "--lr", "1e-5",
                         "--vllm-load-format", "dummy",  # the engine gets every weight from the trainer
                         "--log-dir", str(work / "run"), *args.extra])
-    records = train(cfg, prepare(cfg))
+    records = train(cfg, *prepare(cfg))
     if os.environ.get("RANK", "0") != "0":
         return
     report = summarize(records, observed, args)

@@ -18,6 +18,7 @@ from .config import Config
 from .device import Accelerator
 from .memory import MemoryManager
 from .parallel import Layout
+from .rollout.sampling import max_response_len, rollout_seed, training_sampling
 from .sync import SyncPlan, WeightSync
 
 if TYPE_CHECKING:  # megatron and vllm are imported only when building
@@ -68,8 +69,9 @@ def build_colocated(cfg: Config, acc: Accelerator, layout: Layout, dataset=None)
     plan = SyncPlan.from_flags(cfg.parallel, acc.kind)
     # The trainer pauses before the engine starts, so that vLLM sizes its KV cache against what is then free.
     engine = memory.start_engine(
-        lambda: RolloutEngine(cfg.rollout, cfg.model.hf_checkpoint, cfg.train.seed, acc, layout,
-                              direct_sync=plan.direct),
+        lambda: RolloutEngine(cfg.rollout, cfg.model.hf_checkpoint, rollout_seed(cfg), acc, layout,
+                              training_sampling(cfg), max_response_len(cfg), direct_sync=plan.direct,
+                              verbose=cfg.log.verbose),
         cfg.rollout.vllm_gpu_memory_utilization)
     sync = WeightSync(export, plan, engine.tensors() if plan.direct else None)
     logger.info("weight sync: %s format, %s transport, buckets of %d MiB", sync.format, sync.transport,

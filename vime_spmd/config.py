@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -66,6 +66,11 @@ class RolloutConfig:
     vllm_gpu_memory_utilization: float = opt(0.5, "fraction of device memory for vLLM on accelerators")
     vllm_enable_sleep_mode: bool = opt(True, "start the engine with vLLM sleep mode on accelerators, so that it hands "
                                              "its memory to the trainer (on by default: --colocate is the only mode)")
+    rollout_top_k: int = opt(-1, "sample from the k most likely tokens only (-1: all)")
+    rollout_stop: list[str] | None = opt(None, "strings that end a response (not included in the response text)")
+    rollout_stop_token_ids: list[int] | None = opt(None, "token ids that end a response, besides end-of-sequence")
+    rollout_seed: int | None = opt(None, "seed of the engines' sampling (default: --seed); each request is seeded "
+                                         "from it and its prompt's position in the data stream")
 
 
 @dataclass
@@ -134,8 +139,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    eval_prompt_data: list[str] | None = opt(None, "held-out prompt sets to evaluate during training: NAME PATH "
+                                                   "[NAME PATH ...] (jsonl or .parquet, the --prompt-data schema)",
+                                             metavar="NAME PATH")
+    eval_interval: int | None = opt(None, "evaluate every this many steps (always before step 1 and after the last)")
+    n_samples_per_eval_prompt: int = opt(1, "responses generated per eval prompt (pass@k for k = 1, 2, 4, ... up "
+                                            "to it)")
+    eval_max_response_len: int | None = opt(None, "most tokens per eval response (default: --rollout-max-response-len)")
+    eval_temperature: float | None = opt(None, "eval sampling temperature, 0 for greedy (default: "
+                                               "--rollout-temperature)")
+    eval_top_p: float | None = opt(None, "eval nucleus sampling threshold (default: --rollout-top-p)")
+
+
+@dataclass
 class LogConfig:
     log_dir: str | None = opt(None, "folder for metrics.jsonl (default: runs/<time>)")
+    use_tensorboard: bool = opt(False, "write TensorBoard events under <log-dir>/tensorboard (rank 0; needs the "
+                                       "observe extra)")
+    use_wandb: bool = opt(False, "log to Weights & Biases (rank 0; needs the observe extra; WANDB_MODE=offline "
+                                 "writes under <log-dir>/wandb without network)")
+    wandb_project: str | None = opt(None, "wandb project (default: vime-spmd)")
+    wandb_group: str | None = opt(None, "wandb group of the run")
+    wandb_run_name: str | None = opt(None, "wandb run name (default: the log folder's name)")
+    log_samples_interval: int | None = opt(None, "every this many steps, write a few prompts with their responses, "
+                                                 "rewards and labels to <log-dir>/samples.jsonl (and TensorBoard)")
+    verbose: bool = opt(False, "show the libraries' (Megatron, vLLM, transformers) log lines and warnings")
 
 
 @dataclass
@@ -148,6 +177,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
@@ -178,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
             kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
             if kind is bool:
                 kw.update(action=argparse.BooleanOptionalAction, default=f.default)
+            elif list in (get_origin(t) for t in (kind, *get_args(kind))):  # list[X] or list[X] | None
+                item = next(get_args(t)[0] for t in (kind, *get_args(kind)) if get_origin(t) is list)
+                kw.update(nargs="+", type=item, default=f.default)
+                if "metavar" in f.metadata:
+                    kw["metavar"] = f.metadata["metavar"]
             else:
                 base = next((t for t in (int, float, str) if t == kind or t | None == kind), str)
                 kw.update(type=base, default=f.default)
@@ -280,6 +315,76 @@ def validate(cfg: Config, world_size: int) -> None:
     if not 0 <= r.overlong_buffer_len < r.rollout_max_response_len:
         raise ValueError(f"--overlong-buffer-len {r.overlong_buffer_len}: must be in [0, "
                          f"--rollout-max-response-len {r.rollout_max_response_len})")
+    _validate_sampling(r)
+    _validate_eval(cfg.eval)
+    _validate_log(cfg.log)
+
+
+def _validate_sampling(r: RolloutConfig) -> None:
+    if r.rollout_top_k < -1:
+        raise ValueError(f"--rollout-top-k {r.rollout_top_k}: must be -1 (all tokens) or at least 1")
+    if r.rollout_stop_token_ids and min(r.rollout_stop_token_ids) < 0:
+        raise ValueError(f"--rollout-stop-token-ids {r.rollout_stop_token_ids}: token ids are >= 0")
+    if r.rollout_stop and not all(r.rollout_stop):
+        raise ValueError("--rollout-stop: an empty stop string would end every response at once; drop it")
+
+
+EVAL_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def eval_sets(e: EvalConfig) -> list[tuple[str, str]]:
+    """(name, path) pairs of --eval-prompt-data."""
+    pairs = e.eval_prompt_data or []
+    return list(zip(pairs[0::2], pairs[1::2]))
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    data = e.eval_prompt_data
+    if data is None:
+        set_flags = [flag for flag, value in (("--eval-interval", e.eval_interval),
+                                              ("--eval-max-response-len", e.eval_max_response_len),
+                                              ("--eval-temperature", e.eval_temperature),
+                                              ("--eval-top-p", e.eval_top_p)) if value is not None]
+        if set_flags:
+            raise ValueError(f"{set_flags[0]} applies to evaluation only; add --eval-prompt-data NAME PATH")
+        return
+    if len(data) % 2:
+        raise ValueError(f"--eval-prompt-data {' '.join(data)}: give pairs of NAME PATH (got {len(data)} values), "
+                         "e.g. --eval-prompt-data aime aime.jsonl math500 math500.jsonl")
+    names = [name for name, _ in eval_sets(e)]
+    for name in names:
+        if not set(name) <= EVAL_NAME_CHARS:
+            raise ValueError(f"--eval-prompt-data: the name {name!r} becomes the metric key eval/{name}/...; use "
+                             "letters, digits, '_', '-' or '.'")
+    if len(set(names)) < len(names):
+        raise ValueError(f"--eval-prompt-data: the names {names} repeat; give each set its own name")
+    checks = {"--eval-interval": (e.eval_interval, 1), "--n-samples-per-eval-prompt": (e.n_samples_per_eval_prompt, 1),
+              "--eval-max-response-len": (e.eval_max_response_len, 1), "--eval-temperature": (e.eval_temperature, 0)}
+    for flag, (value, low) in checks.items():
+        if value is not None and value < low:
+            raise ValueError(f"{flag} {value}: must be at least {low}")
+    if e.eval_top_p is not None and not 0 < e.eval_top_p <= 1:
+        raise ValueError(f"--eval-top-p {e.eval_top_p}: must be in (0, 1]")
+
+
+OBSERVE_EXTRA = "pip install 'vime-spmd[observe]'"
+
+
+def _validate_log(g: LogConfig) -> None:
+    import importlib.util
+
+    for flag, wanted, package in (("--use-tensorboard", g.use_tensorboard, "tensorboard"),
+                                  ("--use-wandb", g.use_wandb, "wandb")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{flag} needs the {package} package, which is not installed; install the observe "
+                             f"extra: {OBSERVE_EXTRA}")
+    if not g.use_wandb:
+        for flag, value in (("--wandb-project", g.wandb_project), ("--wandb-group", g.wandb_group),
+                            ("--wandb-run-name", g.wandb_run_name)):
+            if value is not None:
+                raise ValueError(f"{flag} {value}: wandb is off; add --use-wandb")
+    if g.log_samples_interval is not None and g.log_samples_interval < 1:
+        raise ValueError(f"--log-samples-interval {g.log_samples_interval}: must be at least 1")
 
 
 def dump(cfg: Config, path: Path) -> None:

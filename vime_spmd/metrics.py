@@ -7,8 +7,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .device import Accelerator
+if TYPE_CHECKING:  # torch stays unimported until run.py has quieted the libraries (observe.quiet_libraries)
+    from .device import Accelerator
 
 # Every step's record holds these keys (docs/architecture.md), whether or not the phase did work on this hardware.
 TIMING_KEYS = (
@@ -40,7 +42,7 @@ class StepTimer:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to metrics.jsonl (rank 0 only) and prints a compact line."""
+    """Appends one JSON object per step (and per eval) to metrics.jsonl, rank 0 only; `observe.RunLog` prints."""
 
     def __init__(self, log_dir: str, enabled: bool) -> None:
         self.enabled = enabled
@@ -54,9 +56,19 @@ class MetricsLog:
         for key in ("step", *TIMING_KEYS, *METRIC_KEYS):
             if key not in record:
                 raise KeyError(f"metrics record of step {record.get('step')} lacks {key}")
+        self.append(record)
+
+    def append(self, record: dict) -> None:
+        """Any record with a step (an eval's metrics: `eval/...` keys and `perf/eval_time`)."""
+        if not self.enabled:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        print(format_line(record), flush=True)
+
+
+def is_train_record(record: dict) -> bool:
+    """metrics.jsonl holds a record per step and one per eval (their keys start with eval/)."""
+    return "perf/step_time" in record
 
 
 def format_line(r: dict) -> str:

@@ -25,6 +25,7 @@ from .metrics import StepTimer
 from .parallel import Layout
 from .rewards import load_custom_reward, score_batch
 from .rollout.filters import keep_groups, load_filter
+from .rollout.sampling import TRAIN_STREAM, request_seeds, rollout_seed
 from .sync import WeightSync
 
 TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus",)  # take the KL penalty per token, not summed into the reward
@@ -40,12 +41,14 @@ class RLStep:
         d, r = cfg.data, cfg.rollout
         self.custom_reward = load_custom_reward(d.custom_rm_path) if d.custom_rm_path else None
         self.group_filter = load_filter(r.dynamic_sampling_filter_path) if r.dynamic_sampling_filter_path else None
+        self.rollout_seed = rollout_seed(cfg)
+        self.last_batch: RolloutBatch | None = None  # the latest step's samples, for sample logging
 
     def run(self, step: int) -> dict:
         timer: StepTimer = self.new_timer()
         with timer.span("perf/step_time"):
             with timer.span("perf/rollout_time"):
-                batch = self.rollout()
+                batch = self.last_batch = self.rollout()
             with timer.span("perf/engine_sleep_time"):
                 self.memory.engine_sleep()
             with timer.span("perf/train_wake_time"):
@@ -109,9 +112,12 @@ class RLStep:
         """Generate and score this engine's share of `num_prompts` prompts, then gather every engine's samples
         on every rank, in engine order."""
         r, d = self.cfg.rollout, self.cfg.data
+        first = self.dataset.position
         prompts = self.dataset.next_batch(num_prompts)
-        mine = prompts[self.layout.engine_slice(len(prompts))]
-        samples = self.engine.generate([p.prompt_ids for p in mine], [p.label for p in mine])
+        share = self.layout.engine_slice(len(prompts))
+        mine = prompts[share]
+        seeds = request_seeds(self.rollout_seed, TRAIN_STREAM, range(first + share.start, first + share.stop))
+        samples = self.engine.generate([p.prompt_ids for p in mine], [p.label for p in mine], seeds)
         for i, sample in enumerate(samples):
             sample.metadata = mine[i // r.n_samples_per_prompt].metadata
         scores, failures = score_batch([s.response_text for s in samples], [s.label for s in samples], d.rm_type,

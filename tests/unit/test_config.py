@@ -16,6 +16,9 @@ SLIME_FLAGS = {
     "--eps-clip", "--eps-clip-high", "--use-kl-loss", "--kl-loss-coef", "--kl-loss-type", "--entropy-coef",
     "--calculate-per-token-loss", "--lr", "--weight-decay", "--adam-beta1", "--adam-beta2", "--clip-grad",
     "--seed",
+    "--eval-prompt-data", "--eval-interval", "--n-samples-per-eval-prompt", "--eval-max-response-len",
+    "--eval-temperature", "--eval-top-p", "--rollout-stop", "--rollout-stop-token-ids", "--rollout-top-k",
+    "--rollout-seed", "--use-wandb", "--wandb-project", "--wandb-group", "--log-samples-interval",
 }
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl"]
 

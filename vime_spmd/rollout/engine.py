@@ -46,10 +46,14 @@ def _guard_process_state():
 
 class RolloutEngine:
     def __init__(self, rollout: RolloutConfig, model_path: str, seed: int, acc: Accelerator, layout: Layout,
-                 direct_sync: bool = False) -> None:
+                 training_sampling: dict, max_response_len: int, direct_sync: bool = False,
+                 verbose: bool = False) -> None:
         """`model_path`: the HF model folder (architecture, tokenizer and, unless --vllm-load-format dummy, the first
-        weights); `direct_sync`: the weight sync will write the engine's tensors itself (`write_weights`); on CPU
-        the engine then keeps plain weights for its linear layers (see `vllm_patches.plain_cpu_linear_weights`)."""
+        weights); `seed`: the rollout seed; `training_sampling`: SamplingParams arguments of a training rollout
+        (`sampling.training_sampling`); `max_response_len`: the longest response any request asks for;
+        `direct_sync`: the weight sync will write the engine's tensors itself (`write_weights`); on CPU the engine
+        then keeps plain weights for its linear layers (see `vllm_patches.plain_cpu_linear_weights`); `verbose`: show
+        vLLM's checkpoint-loading progress."""
         from vllm import LLM
 
         from .vllm_patches import plain_cpu_linear_weights
@@ -61,10 +65,11 @@ class RolloutEngine:
             tensor_parallel_size=layout.engine_size,
             # Engines sample independently: one seed per engine, the same on the ranks of an engine.
             seed=seed + layout.engine_index,
-            max_model_len=r.rollout_max_prompt_len + r.rollout_max_response_len,
+            max_model_len=r.rollout_max_prompt_len + max_response_len,
             logprobs_mode="processed_logprobs",  # log softmax(logits / T): what the trainer computes
             enable_prefix_caching=False,
             load_format=r.vllm_load_format,
+            use_tqdm_on_load=verbose,
         )
         if layout.num_engines > 1:
             kwargs["data_parallel_size"] = layout.num_engines
@@ -79,22 +84,25 @@ class RolloutEngine:
         plain_weights = plain_cpu_linear_weights() if direct_sync and acc.kind == "cpu" else contextlib.nullcontext()
         with _guard_process_state(), plain_weights:
             self.llm = LLM(**kwargs)
-        self.rollout = rollout
+        self.training_sampling = training_sampling
         self._tensors: dict[str, torch.Tensor] | None = None
 
-    def generate(self, prompts: list[list[int]], labels: list[str]) -> list[Sample]:
-        """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs."""
+    def generate(self, prompts: list[list[int]], labels: list[str], seeds: list[int] | None = None,
+                 sampling: dict | None = None) -> list[Sample]:
+        """n samples per prompt (grouped contiguously), with the sampled tokens' logprobs when `sampling` asks for
+        them. `sampling`: SamplingParams arguments (default: the training rollout's); `seeds`: one per prompt
+        (`sampling.request_seeds`), so that the samples do not depend on the engine's shared RNG."""
         from vllm import SamplingParams
 
-        r = self.rollout
-        params = SamplingParams(n=r.n_samples_per_prompt, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
-                                max_tokens=r.rollout_max_response_len, logprobs=0)
+        sampling = self.training_sampling if sampling is None else sampling
+        params = ([SamplingParams(**sampling, seed=seed) for seed in seeds] if seeds is not None
+                  else SamplingParams(**sampling))
         with _guard_process_state():
             outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         samples = []
         for prompt, label, out in zip(prompts, labels, outputs):
             for c in out.outputs:
-                token_logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
+                token_logprobs = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs or [])]
                 samples.append(Sample(prompt_ids=list(prompt), response_ids=list(c.token_ids),
                                       rollout_logprobs=token_logprobs, label=label, response_text=c.text,
                                       truncated=c.finish_reason == "length"))

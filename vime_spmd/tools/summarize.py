@@ -10,11 +10,13 @@ import json
 import statistics
 from pathlib import Path
 
-from ..metrics import TIMING_KEYS
+from ..metrics import TIMING_KEYS, is_train_record
 
 
 def load(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The step records (eval records, which metrics.jsonl holds too, are left out)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if is_train_record(r)]
 
 
 def summarize(records: list[dict], window: int = 5) -> dict:
