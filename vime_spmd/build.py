@@ -23,10 +23,7 @@ from .sync import SyncPlan, WeightSync
 
 if TYPE_CHECKING:  # megatron and vllm are imported only when building
     from .rollout.engine import RolloutEngine
-    from .train.megatron import load_actor
-
-    MegatronActor = load_actor(acc)  # noqa: N806 (a class: the platform's megatron patches come first)
-    from .train.megatron import MegatronExport
+    from .train.megatron import MegatronActor, MegatronExport
 
 logger = logging.getLogger(__name__)
 
