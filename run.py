@@ -8,23 +8,31 @@
 """
 
 import logging
-import os
 import sys
 
+from vime_spmd import failures
 from vime_spmd.config import parse_config
 from vime_spmd.trainer import prepare, train
+from vime_spmd.watchdog import exit_with_launcher
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config()
+    exit_with_launcher()
     try:
+        cfg = parse_config()
         dataset = prepare(cfg)
-    except ValueError as e:  # a user mistake, found before any work: one line, no traceback
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except ValueError as e:  # a user mistake, found before any work: one line for the job, no traceback
+        failures.report(str(e))
         return 2
-    train(cfg, dataset)
+    try:
+        train(cfg, dataset)
+    except failures.RunError as e:  # e.g. a full disk during a save: one line, the cause and what to do
+        failures.report(str(e))
+        return 1
+    except BaseException:
+        failures.mark_failed()  # so that ranks the launcher now stops exit at once instead of saving
+        raise
     return 0
 
 
