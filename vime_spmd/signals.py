@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing import resource_tracker
 
 import torch
 
@@ -50,6 +51,12 @@ class StopRequests:
 
     def install(self) -> None:
         """Main thread only (Python's rule for signal handlers)."""
+        # torchrun signals the worker's whole process group, which holds multiprocessing's resource tracker (it
+        # unlinks our shared memory). It ignores SIGTERM itself but dies of SIGUSR1, and the worker then stalls
+        # ~12 s at exit. Started now with SIGUSR1 ignored, it keeps ignoring it (an ignored signal survives exec).
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        resource_tracker.ensure_running()
+        signal.signal(signal.SIGUSR1, previous)
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
         self._pipe = (read_fd, write_fd)

@@ -1,6 +1,6 @@
 """Hangs and orphans: each rank beats a heartbeat into the launcher's store and watches the next rank's.
 
-Heartbeat: a thread writes (beat count, phase, step, pid, host) every `interval_s`. It is a thread, so a healthy
+Heartbeat: a thread writes (beat count, phase, step, pid, host) every `interval_s` and at each new phase. It is a thread, so a healthy
 rank beats through a 10-minute rollout; it stops only when the process is stopped (SIGSTOP, a frozen node),
 dead, or stuck holding the GIL. Rank r watches rank r+1 (mod world): the load on the store stays two calls per
 rank per interval at any scale, and the first stalled rank of any run of stalled ranks is watched by a live one.
@@ -54,6 +54,7 @@ class Watchdog:
         self.phase, self.step = "startup", 0
         self._phase_since = time.monotonic()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a new phase is beaten at once, so a stalled rank's last phase is exact
         self._thread: threading.Thread | None = None
 
     def enter_phase(self, phase: str, step: int | None = None) -> None:
@@ -61,6 +62,7 @@ class Watchdog:
         self.phase, self._phase_since = phase, time.monotonic()
         if step is not None:
             self.step = step
+        self._wake.set()
 
     def start(self) -> None:
         store = failures.connect_store() if self.world_size > 1 else None
@@ -72,6 +74,7 @@ class Watchdog:
     def close(self) -> None:
         """The rank is done: its watcher stops expecting beats (so a rank that ends first is not taken for dead)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s)
 
@@ -89,7 +92,8 @@ class Watchdog:
 
     def _watch(self, store, peer: int, mine: str, theirs: str) -> None:
         beat, seen, seen_at = 0, None, time.monotonic()
-        while not self._stop.wait(0 if beat == 0 else self.interval_s):
+        while not self._stop.is_set():
+            self._wake.clear()  # before reading the phase: a phase entered from here on wakes the next beat
             beat += 1
             now = time.monotonic()
             if store is not None:
@@ -110,6 +114,7 @@ class Watchdog:
                 self._end(f"rank {self.rank} has been in phase {self.phase} of step {self.step} for "
                           f"{now - self._phase_since:.0f} s (--phase-timeout-s {self.phase_timeout_s:g}); "
                           "ending the job")
+            self._wake.wait(self.interval_s)
 
     def _peer_stalled(self, peer: int, last: str | None, silent_s: float) -> None:
         if last is None:
