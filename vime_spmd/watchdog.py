@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
@@ -50,7 +51,7 @@ class Watchdog:
     def __init__(self, rank: int, world_size: int, hang_timeout_s: float, phase_timeout_s: float | None) -> None:
         self.rank, self.world_size = rank, world_size
         self.hang_timeout_s, self.phase_timeout_s = hang_timeout_s, phase_timeout_s
-        self.interval_s = min(MAX_INTERVAL_S, hang_timeout_s / 4)
+        self.interval_s = min(MAX_INTERVAL_S, hang_timeout_s / 4, phase_timeout_s / 4 if phase_timeout_s else math.inf)
         self.phase, self.step = "startup", 0
         self._phase_since = time.monotonic()
         self._stop = threading.Event()
