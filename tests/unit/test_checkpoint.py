@@ -114,3 +114,46 @@ def test_a_checkpoint_missing_a_rank_file_is_refused_before_any_work(world, tmp_
     (root / "iter_0000003" / "meta.json").write_text("{")
     with pytest.raises(ValueError, match="meta.json is missing or unreadable"):
         checkpoint.check_loadable(str(root))
+
+
+FULL_DISK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from tests.unit.test_checkpoint import FakeActor, FakeData
+from vime_spmd import checkpoint
+from vime_spmd.parallel import Layout
+root, store = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+world = Layout(rank=0, world_size=1, tp_size=1, engine_size=1)
+checkpoint.save(root, 1, FakeActor(1.0), FakeData(4), world)  # ~6 KiB: fits
+big = FakeActor(2.0)
+big.weights = torch.zeros(1 << 20)  # 4 MiB: does not fit in 1 MiB
+try:
+    checkpoint.save(root, 2, big, FakeData(8), world)
+except checkpoint.SaveError as e:
+    print(e)
+"""
+
+
+def test_a_real_full_disk_during_a_save(tmp_path):
+    """A 1 MiB tmpfs in a private mount namespace (needs unshare and mount rights; skipped where there are none)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs unshare -rm and mount)")
+    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && {sys.executable} -c '{FULL_DISK_SCRIPT}' {disk}/ckpt "
+              f"{tmp_path}/store && ls -A {disk}/ckpt && cat {disk}/ckpt/latest_checkpointed_iteration.txt")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    message, *listing, latest = proc.stdout.strip().splitlines()
+    needed = 4 * (1 << 20) + torch.get_rng_state().numel()
+    assert message.startswith(f"--save {disk}/ckpt: no space: the checkpoint of step 2 needs {needed} bytes")
+    assert message.endswith("the partial iter_0000002.tmp was removed and step 1 is still the latest checkpoint; "
+                            "free space or point --save at a larger disk")
+    assert listing == ["iter_0000001", "latest_checkpointed_iteration.txt"] and latest == "1"
