@@ -7,8 +7,8 @@ Layout of `--save DIR`:
 A checkpoint is written into `iter_X.tmp`, renamed to `iter_X` once every rank has written its file, and only then
 named in `latest_checkpointed_iteration.txt` (itself replaced atomically). An interrupted save leaves the previous
 checkpoint as the latest; a leftover `.tmp` folder is never read. A write that fails on any rank (a full disk)
-removes the `.tmp` folder and raises SaveError on every rank, naming the folder and the bytes needed. Resuming needs the same world size and
-training layout (the shards are per rank).
+removes the `.tmp` folder and raises SaveError on every rank, naming the folder and the bytes needed. Resuming
+needs the same world size and training layout (the shards are per rank).
 """
 
 from __future__ import annotations

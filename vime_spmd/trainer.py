@@ -78,7 +78,8 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
                       engine.tensors() if sync_format == "direct" else None, layout.engine_rank, layout.engine_size)
     logger.info("weight sync: %s format, %s transport, buckets of %d MiB", sync.format, sync.transport,
                 p.update_weight_buffer_size >> 20)
-    step = RLStep(cfg, layout, dataset, actor, engine, memory, sync, lambda: StepTimer(acc, on_phase=watchdog.enter_phase))
+    step = RLStep(cfg, layout, dataset, actor, engine, memory, sync,
+                  lambda: StepTimer(acc, on_phase=watchdog.enter_phase))
     records = []
     try:
         if start_step:
@@ -137,7 +138,12 @@ def run_steps(cfg: Config, step: RLStep, actor, dataset: PromptDataset, layout: 
             checkpoint.save(c.save, done, actor, dataset, layout)
             last_saved = done
         if layout.rank == 0:
-            saved = (f"the checkpoint of step {done} is in {checkpoint.iteration_dir(c.save, done)}; resume with "
-                     f"--load {c.save}") if c.save and last_saved else "nothing saved (no --save)"
+            if not records:
+                saved = "no step ran, nothing new to save"
+            elif c.save:
+                saved = f"the checkpoint of step {done} is in {checkpoint.iteration_dir(c.save, done)}; resume with " \
+                        f"--load {c.save}"
+            else:
+                saved = "nothing saved (no --save)"
             logger.warning("stopped on a stop signal after step %d of %d: %s", done, num_steps, saved)
     return records

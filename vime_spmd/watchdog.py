@@ -1,8 +1,8 @@
 """Hangs and orphans: each rank beats a heartbeat into the launcher's store and watches the next rank's.
 
-Heartbeat: a thread writes (beat count, phase, step, pid, host) every `interval_s` and at each new phase. It is a thread, so a healthy
-rank beats through a 10-minute rollout; it stops only when the process is stopped (SIGSTOP, a frozen node),
-dead, or stuck holding the GIL. Rank r watches rank r+1 (mod world): the load on the store stays two calls per
+Heartbeat: a thread writes (beat count, phase, step, pid, host) every `interval_s` and at each new phase. It is a
+thread, so a healthy rank beats through a 10-minute rollout; it stops only when the process is stopped (SIGSTOP, a
+frozen node), dead, or stuck holding the GIL. Rank r watches rank r+1 (mod world): the load on the store stays two calls per
 rank per interval at any scale, and the first stalled rank of any run of stalled ranks is watched by a live one.
 Staleness is measured on the watcher's own clock (the beat count stops changing), so clocks need not agree.
 
