@@ -2,8 +2,8 @@
 
 Heartbeat: a thread writes (beat count, phase, step, pid, host) every `interval_s` and at each new phase. It is a
 thread, so a healthy rank beats through a 10-minute rollout; it stops only when the process is stopped (SIGSTOP, a
-frozen node), dead, or stuck holding the GIL. Rank r watches rank r+1 (mod world): the load on the store stays two calls per
-rank per interval at any scale, and the first stalled rank of any run of stalled ranks is watched by a live one.
+frozen node), dead, or stuck holding the GIL. Rank r watches rank r+1 (mod world): the load on the store stays two
+calls per rank per beat at any scale, and the first stalled rank of any run of stalled ranks is watched by a live one.
 Staleness is measured on the watcher's own clock (the beat count stops changing), so clocks need not agree.
 
 When the watched rank has not beaten for `--hang-timeout-s`, the watcher prints one `error:` line naming that
