@@ -8,26 +8,34 @@
 """
 
 import logging
-import os
 import sys
 
+from vime_spmd import failures
 from vime_spmd.config import parse_config
 from vime_spmd.observe import quiet_libraries
+from vime_spmd.watchdog import exit_with_launcher
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config()
-    quiet_libraries(cfg.log.verbose)  # before torch, vLLM and transformers are imported (below)
-    from vime_spmd.trainer import prepare, train
-
+    exit_with_launcher()
     try:
+        cfg = parse_config()
+        quiet_libraries(cfg.log.verbose)  # before torch, vLLM and transformers are imported (below)
+        from vime_spmd.trainer import prepare, train
+
         dataset, eval_sets = prepare(cfg)
-    except ValueError as e:  # a user mistake, found before any work: one line, no traceback
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except ValueError as e:  # a user mistake, found before any work: one line for the job, no traceback
+        failures.report(str(e))
         return 2
-    train(cfg, dataset, eval_sets)
+    try:
+        train(cfg, dataset, eval_sets)
+    except failures.RunError as e:  # e.g. a full disk during a save: one line, the cause and what to do
+        failures.report(str(e))
+        return 1
+    except BaseException:
+        failures.mark_failed()  # so that ranks the launcher now stops exit at once instead of saving
+        raise
     return 0
 
 

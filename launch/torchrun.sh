@@ -5,7 +5,11 @@
 #   launch/torchrun.sh --hf-checkpoint /models/Qwen3-4B --prompt-data prompts.jsonl ...   # run.py flags
 #
 # DEVICE=auto|cpu|cuda|npu (default auto), NPROC_PER_NODE (default: every device of that kind; 1 on CPU),
-# PYTHON (default: the repository's .venv, else python3).
+# PYTHON (default: the repository's .venv, else python3), STOP_TIMEOUT_S (default 900).
+#
+# `kill -TERM` or `kill -USR1` of this process (torchrun) stops the run after the current step, with a checkpoint
+# when --save is set: torchrun forwards both to the ranks (SIGUSR1 only because it is listed below) and SIGKILLs
+# them if they are not done within STOP_TIMEOUT_S, which must exceed one step plus a save.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -20,4 +24,6 @@ echo "$ENV_LINES" >&2
 eval "$ENV_LINES"
 NPROC="${NPROC_PER_NODE:-$("$PYTHON" -m vime_spmd.launch_env --device "$DEVICE" --count)}"
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" "$ROOT/run.py" --device "$DEVICE" "$@"
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
+    --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${STOP_TIMEOUT_S:-900}" \
+    "$ROOT/run.py" --device "$DEVICE" "$@"

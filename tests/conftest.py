@@ -61,6 +61,21 @@ def run_ranks(nproc: int, script: str | Path, *args: str, timeout_s: int = 600) 
     return proc
 
 
+def start_ranks(nproc: int, script: str | Path, *args: str, output: Path) -> subprocess.Popen:
+    """Start a script under torchrun and return at once; stdout and stderr go to `output`.{out,err} (files, not pipes:
+    a test that kills the launcher must not wait on pipes its workers still hold)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master-port",
+           str(free_port()), str(script), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(f"{output}.out", "w") as out, open(f"{output}.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+
+
+def product_traceback(stderr: str) -> bool:
+    """Whether a traceback passes through this repository's code (torchrun prints its own when a rank fails)."""
+    return any(line.lstrip().startswith(f'File "{ROOT}') for line in stderr.splitlines())
+
+
 def read_metrics(log_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+from . import compat
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -86,7 +92,8 @@ class AlgorithmConfig:
     tis_clip: float = opt(2.0, "upper bound of the truncated importance weight")
     tis_clip_low: float = opt(0.0, "lower bound of the truncated importance weight")
     use_kl_loss: bool = opt(False, "add a KL(actor || reference) term to the loss")
-    kl_loss_coef: float = opt(0.0, "weight of the KL loss")
+    kl_loss_coef: float = opt(0.0, "weight of the KL loss (0 with --use-kl-loss: the KL is computed and logged but "
+                                   "not added to the loss, as in slime)")
     kl_loss_type: str = opt("low_var_kl", "KL estimator (for the loss and the reward penalty)",
                             choices=["k1", "k2", "k3", "low_var_kl"])
     kl_coef: float = opt(0.0, "KL(actor || reference) as a reward penalty: per token for reinforce_plus_plus, "
@@ -168,6 +175,14 @@ class LogConfig:
 
 
 @dataclass
+class ResilienceConfig:
+    hang_timeout_s: float = opt(120.0, "end the job when a rank has sent no heartbeat for this long (a stopped or "
+                                       "dead rank); the heartbeat is a thread, so long phases do not count")
+    phase_timeout_s: float | None = opt(None, "end the job when one phase of a step (e.g. the rollout) runs longer "
+                                              "than this (default: no limit)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -179,6 +194,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -196,9 +212,25 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class FlagParser(argparse.ArgumentParser):
+    """Bad flags raise ValueError (one `error:` line from run.py), an unknown one with the closest known name."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if not unknown:
+            raise ValueError(f"{message} (python run.py --help lists every flag)")
+        flags = [word for word in unknown.group(1).split() if word.startswith("--")] or unknown.group(1).split()
+        known = list(self._option_string_actions)
+        hints = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+            hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+        raise ValueError(f"unknown flag{'s' if len(flags) > 1 else ''}: {', '.join(hints)}; python run.py --help "
+                         "lists every flag")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description="Colocated GRPO with Megatron-core and vLLM",
-                                     allow_abbrev=False)
+    parser = FlagParser(prog="run.py", description="Colocated GRPO with Megatron-core and vLLM", allow_abbrev=False)
     for group_field in dataclasses.fields(Config):
         group_cls = group_field.default_factory  # type: ignore[misc]
         group = parser.add_argument_group(group_field.name)
@@ -221,11 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                 if "choices" in f.metadata:
                     kw["choices"] = f.metadata["choices"]
             group.add_argument(_flag(f.name), **kw)
+    compat.add_ignored_flags(parser)
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     ns = vars(build_parser().parse_args(argv))
+    ignored = compat.take_ignored(ns)
+    if ignored and os.environ.get("RANK", "0") == "0":
+        print(compat.warning_line(ignored), file=sys.stderr, flush=True)
     groups = {}
     for group_field in dataclasses.fields(Config):
         group_cls = group_field.default_factory  # type: ignore[misc]
@@ -287,8 +323,6 @@ def validate(cfg: Config, world_size: int) -> None:
     c = cfg.checkpoint
     if c.save_interval is not None and (c.save_interval < 1 or c.save is None):
         raise ValueError(f"--save-interval {c.save_interval}: needs --save DIR and a value >= 1")
-    if cfg.algorithm.use_kl_loss and cfg.algorithm.kl_loss_coef <= 0:
-        raise ValueError("--use-kl-loss needs --kl-loss-coef > 0")
     a = cfg.algorithm
     if a.eps_clip_c is not None and a.eps_clip_c <= 1:
         raise ValueError(f"--eps-clip-c {a.eps_clip_c}: the dual-clip bound must be > 1 (3.0 is usual)")

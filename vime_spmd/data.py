@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 SKIP_FIX = "fix the record, or pass --skip-bad-records to skip and count such records"
 TOKENIZE_CHUNK = 1024  # prompts per tokenizer call: batched calls are much faster than one per prompt
+# Files that are read as text by mistake: (leading bytes, what they are, the fix).
+COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip) and give the .jsonl"),
+              (b"(\xb5/\xfd", "zstd-compressed", "decompress it first (zstd -d) and give the .jsonl"),
+              (b"PAR1", "parquet", "name it with the .parquet suffix"))
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,19 @@ def read_records(path: str) -> Iterator[tuple[str, object]]:
     if file.suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    with file.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with file.open("rb") as f:
+        magic = f.read(4)
+    for signature, kind, fix in COMPRESSED:
+        if magic.startswith(signature):
+            raise ValueError(f"--prompt-data {path}: a {kind} file, not jsonl text; {fix}")
+    with file.open("rb") as f:  # bytes, so that a line that is not UTF-8 is named like any other bad line
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as e:
+                yield f"{path}:{number}", MalformedRecord(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                          f"{e.start + 1}); save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -116,7 +131,10 @@ def parse_record(record: object, keys: RecordKeys) -> tuple[str | list[dict], st
     if metadata is not None and not isinstance(metadata, dict):
         raise MalformedRecord(f"{keys.metadata_key!r} must be an object (a dict), got {type(metadata).__name__}; "
                               "--metadata-key names the key of the custom-reward metadata")
-    return prompt, "" if label is None else str(label), metadata or {}
+    if label is None:  # every reward scores against it: a run without labels would train on zeros
+        raise MalformedRecord(f"no {keys.label_key!r} value (the key is set by --label-key); "
+                              f"the record's keys are {sorted(record)}")
+    return prompt, str(label), metadata or {}
 
 
 def _is_messages(value: object) -> bool:

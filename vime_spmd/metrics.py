@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,13 +26,16 @@ METRIC_KEYS = (
 
 
 class StepTimer:
-    def __init__(self, acc: Accelerator) -> None:
+    def __init__(self, acc: Accelerator, on_phase: Callable[[str], None] | None = None) -> None:
         self.acc = acc
+        self.on_phase = on_phase  # told each phase as it starts (the watchdog names the phase a rank stopped in)
         self.times: dict[str, float] = {key: 0.0 for key in TIMING_KEYS}
 
     @contextlib.contextmanager
     def span(self, key: str):
         """Time one phase; the device is synchronised at both ends so that async work is counted."""
+        if self.on_phase is not None:
+            self.on_phase(key)
         self.acc.synchronize()
         start = time.perf_counter()
         try:

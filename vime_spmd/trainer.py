@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, checks
 from .build import build_colocated
 from .config import Config, dump, validate
 from .data import PromptDataset
@@ -17,33 +17,33 @@ from .evaluation import EvalSet, Evaluator, load_eval_sets
 from .metrics import StepTimer
 from .observe import RunLog
 from .parallel import Layout
+from .signals import StopRequests
 from .step import RLStep
+from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
 
-def check_inputs(cfg: Config) -> None:
-    """File checks that must fail before any work (model building, engine start)."""
-    ckpt = Path(cfg.model.hf_checkpoint)
-    if not ckpt.is_dir():
-        raise ValueError(f"--hf-checkpoint {ckpt}: no such directory; give an HF model folder "
-                         f"(make one with: python -m vime_spmd.tools.make_tiny_model {ckpt})")
-    if not (ckpt / "config.json").is_file():
-        raise ValueError(f"--hf-checkpoint {ckpt}: no config.json inside; is it an HF model folder?")
-    if cfg.model.ref_load and not Path(cfg.model.ref_load).is_dir():
-        raise ValueError(f"--ref-load {cfg.model.ref_load}: no such directory")
-    if cfg.checkpoint.load:
-        checkpoint.check_loadable(cfg.checkpoint.load)
-
-
 def prepare(cfg: Config) -> tuple[PromptDataset, list[EvalSet]]:
-    """Everything that can reject the user's input, before any expensive work: the training prompts and the eval
-    sets. Raises ValueError."""
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    check_inputs(cfg)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
+    """Everything that can reject the user's input, before any expensive work (checks.py): the training prompts and
+    the eval sets. Raises ValueError. Every rank runs the same checks; failures.report prints the first rank's error
+    once."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world_size)
+    checks.check_ranges(cfg)
+    checks.check_model_dir(cfg.model.hf_checkpoint, "--hf-checkpoint", tokenizer=True)
+    if cfg.model.ref_load:
+        checks.check_model_dir(cfg.model.ref_load, "--ref-load", tokenizer=False)
+    p = cfg.parallel
+    if cfg.checkpoint.load:
+        checkpoint.check_loadable(cfg.checkpoint.load, checkpoint.layout_values(
+            world_size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size))
+    checks.check_reward(cfg)
+    if cfg.checkpoint.save:
+        checks.check_output_dir(cfg.checkpoint.save, "--save")
+    if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the logs
+        checks.check_output_dir(cfg.log.log_dir, "--log-dir")
+    tokenizer = checks.load_tokenizer(cfg.model.hf_checkpoint)
     dataset = PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
                             label_key=cfg.data.label_key, metadata_key=cfg.data.metadata_key,
                             apply_chat_template=cfg.data.apply_chat_template,
@@ -59,13 +59,15 @@ def train(cfg: Config, dataset: PromptDataset, eval_sets: list[EvalSet] = ()) ->
     init_distributed(acc)
     torch.manual_seed(cfg.train.seed)
     layout = Layout.of_world(cfg.parallel)
+    stop, watchdog = start_guards(cfg, layout)
     log = RunLog(cfg, enabled=layout.rank == 0)  # before the heavy parts: a dashboard that cannot start stops here
     if layout.rank == 0:
         dump(cfg, Path(cfg.log.log_dir) / "config.json")
 
     parts = build_colocated(cfg, acc, layout, dataset)
     actor, start_step = parts.actor, parts.start_step
-    step = RLStep(cfg, layout, dataset, actor, parts.engine, parts.memory, parts.sync, lambda: StepTimer(acc))
+    step = RLStep(cfg, layout, dataset, actor, parts.engine, parts.memory, parts.sync,
+                  lambda: StepTimer(acc, on_phase=watchdog.enter_phase))
     evaluator = Evaluator(cfg, layout, parts.engine, list(eval_sets)) if eval_sets else None
     records = []
     try:
@@ -73,21 +75,71 @@ def train(cfg: Config, dataset: PromptDataset, eval_sets: list[EvalSet] = ()) ->
             logger.info("resumed from %s at step %d", cfg.checkpoint.load, start_step)
         if start_step or cfg.rollout.vllm_load_format == "dummy":
             # The engine holds the initial (or, with dummy, no) weights: give it the trainer's before any rollout.
+            watchdog.enter_phase("priming the engine")
             step.prime_engine()
         if evaluator and start_step == 0:
+            watchdog.enter_phase("evaluation", 0)
             log.eval(*evaluator.run(0))
-        c = cfg.checkpoint
-        for i in range(start_step + 1, cfg.train.num_rollout + 1):
-            record = step.run(i)
-            log.step(record, step.last_batch)
-            records.append(record)
-            if evaluator and evaluator.due(i):
-                log.eval(*evaluator.run(i))
-            if c.save and (i == cfg.train.num_rollout or (c.save_interval and i % c.save_interval == 0)):
-                checkpoint.save(c.save, i, actor, dataset, layout)
+        records = run_steps(cfg, step, actor, dataset, layout, log, evaluator, start_step, stop, watchdog,
+                            acc.torch_device)
     finally:
+        watchdog.enter_phase("closing")
         log.close()
         parts.close()  # Megatron's groups, then the engine (its cleanup destroys the default group), then the rest
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        watchdog.close()
+        stop.uninstall()
+    return records
+
+
+def start_guards(cfg: Config, layout: Layout) -> tuple[StopRequests, Watchdog]:
+    """From here on SIGTERM/SIGUSR1 stop at a step boundary (before, they end the process: nothing to save), and
+    a stalled peer ends the job."""
+    stop = StopRequests(layout.rank)
+    stop.install()
+    r = cfg.resilience
+    watchdog = Watchdog(layout.rank, layout.world_size, r.hang_timeout_s, r.phase_timeout_s)
+    watchdog.start()
+    return stop, watchdog
+
+
+def run_steps(cfg: Config, step: RLStep, actor, dataset: PromptDataset, layout: Layout, log: RunLog,
+              evaluator: Evaluator | None, start_step: int, stop: StopRequests, watchdog: Watchdog,
+              device: torch.device) -> list[dict]:
+    """The steps after `start_step`, with evaluations when due, saves every `--save-interval`, after the last step,
+    and after the step during which a stop signal came (ranks agree on it before each step, so they all stop after
+    the same one)."""
+    c, num_steps = cfg.checkpoint, cfg.train.num_rollout
+    records, last_saved, stopped = [], start_step, False
+    for i in range(start_step + 1, num_steps + 1):
+        if stop.agree(device):
+            stopped = True
+            break
+        watchdog.enter_phase("step start", i)
+        record = step.run(i)
+        log.step(record, step.last_batch)
+        records.append(record)
+        if evaluator and evaluator.due(i):
+            watchdog.enter_phase("evaluation", i)
+            log.eval(*evaluator.run(i))
+        if c.save and (i == num_steps or (c.save_interval and i % c.save_interval == 0)):
+            watchdog.enter_phase("checkpoint save")
+            checkpoint.save(c.save, i, actor, dataset, layout)
+            last_saved = i
+    if stopped:
+        done = records[-1]["step"] if records else start_step
+        if c.save and done != last_saved:
+            watchdog.enter_phase("checkpoint save")
+            checkpoint.save(c.save, done, actor, dataset, layout)
+            last_saved = done
+        if layout.rank == 0:
+            if not records:
+                saved = "no step ran, nothing new to save"
+            elif c.save:
+                saved = f"the checkpoint of step {done} is in {checkpoint.iteration_dir(c.save, done)}; resume with " \
+                        f"--load {c.save}"
+            else:
+                saved = "nothing saved (no --save)"
+            logger.warning("stopped on a stop signal after step %d of %d: %s", done, num_steps, saved)
     return records

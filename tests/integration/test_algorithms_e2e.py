@@ -24,7 +24,8 @@ ESTIMATOR_RUNS = {
                                           "--over-sampling-batch-size", "6", "--overlong-buffer-len", "4",
                                           "--overlong-penalty-factor", "0.5"],
     "gspo-sequence_loss": ["--advantage-estimator", "gspo", "--no-calculate-per-token-loss"],
-    "rloo": ["--advantage-estimator", "rloo"],
+    # slime's scripts pass --use-kl-loss --kl-loss-coef 0: the KL is computed and logged, not added to the loss.
+    "rloo-kl_logged_not_used": ["--advantage-estimator", "rloo", "--use-kl-loss", "--kl-loss-coef", "0"],
     "reinforce_plus_plus-kl_reward": ["--advantage-estimator", "reinforce_plus_plus", "--kl-coef", "0.05"],
     "reinforce_plus_plus_baseline-kl_reward": ["--advantage-estimator", "reinforce_plus_plus_baseline",
                                                "--kl-coef", "0.05", "--kl-loss-type", "k2"],
@@ -47,6 +48,9 @@ def test_estimator_trains_with_exact_sync(name, tiny_model, letters_data, tmp_pa
     if "two_optimizer_steps" in name:
         # The second optimizer step of a rollout runs on weights the first one moved: its ratio is no longer 1.
         assert all(abs(r["train/ppo_kl"]) > 1e-6 for r in records)
+    if "kl_logged" in name:
+        assert records[0]["train/kl_loss"] == 0.0  # the policy still equals the reference during step 1
+        assert records[1]["train/kl_loss"] > 0.0
     if "overlong" in name:
         # Shaping only subtracts; dynamic sampling kept exactly the batch it needed.
         assert all(r["rollout/reward"] <= r["rollout/raw_reward"] + 1e-9 for r in records)

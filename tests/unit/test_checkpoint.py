@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -57,10 +58,10 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_latest(world, tmp_pa
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.SaveError, match="failed on rank 0 \\(OSError: disk full\\)"):
         checkpoint.save(str(root), 2, FakeActor(2.0), FakeData(8), world)
     assert checkpoint.latest_step(str(root)) == 1
-    assert not (root / "iter_0000002").exists()  # only the never-read .tmp folder holds the partial write
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
     actor = FakeActor(0.0)
     checkpoint.load(str(root), actor, FakeData(0), world)
     assert torch.equal(actor.weights, torch.full((3,), 1.0))
@@ -75,3 +76,84 @@ def test_a_different_layout_is_refused_naming_both(world, tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="--load .*same ranks and parallel sizes"):
         checkpoint.load(str(root), FakeActor(0.0), FakeData(0), world)
+
+
+def test_a_full_disk_names_the_folder_and_bytes_needed_and_keeps_the_latest(world, tmp_path, monkeypatch):
+    root = tmp_path / "ckpt"
+    checkpoint.save(str(root), 1, FakeActor(1.0), FakeData(4), world)
+    real_save = torch.save
+
+    def save_until_the_disk_is_full(obj, path):
+        real_save(obj, path)  # a partial file is on disk when the error comes, as with a real full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 1000))
+    actor = FakeActor(2.0)
+    actor.weights = torch.zeros(1 << 20)  # 4 MiB of float32
+    needed = 4 * (1 << 20) + torch.get_rng_state().numel()
+    with pytest.raises(checkpoint.SaveError) as error:
+        checkpoint.save(str(root), 2, actor, FakeData(8), world)
+    assert str(error.value) == (f"--save {root}: no space: the checkpoint of step 2 needs {needed} bytes (0.00 GiB, "
+                                "all ranks), 1000 bytes are free there; the partial iter_0000002.tmp was removed and "
+                                "step 1 is still the latest checkpoint; free space or point --save at a larger disk")
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+    monkeypatch.undo()
+    restored = FakeActor(0.0)
+    assert checkpoint.load(str(root), restored, FakeData(0), world) == 1
+    assert torch.equal(restored.weights, torch.full((3,), 1.0))
+
+
+def test_a_checkpoint_missing_a_rank_file_is_refused_before_any_work(world, tmp_path):
+    root = tmp_path / "ckpt"
+    checkpoint.save(str(root), 3, FakeActor(1.0), FakeData(4), world)
+    (root / "iter_0000003" / "rank_00000.pt").unlink()
+    with pytest.raises(ValueError, match=r"--load .*lacks 1 of its 1 rank files \(first: rank_00000.pt\)"):
+        checkpoint.check_loadable(str(root))
+    (root / "iter_0000003" / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="meta.json is missing or unreadable"):
+        checkpoint.check_loadable(str(root))
+
+
+FULL_DISK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from tests.unit.test_checkpoint import FakeActor, FakeData
+from vime_spmd import checkpoint
+from vime_spmd.parallel import Layout
+root, store = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+world = Layout(rank=0, world_size=1, tp_size=1, engine_size=1)
+checkpoint.save(root, 1, FakeActor(1.0), FakeData(4), world)  # ~6 KiB: fits
+big = FakeActor(2.0)
+big.weights = torch.zeros(1 << 20)  # 4 MiB: does not fit in 1 MiB
+try:
+    checkpoint.save(root, 2, big, FakeData(8), world)
+except checkpoint.SaveError as e:
+    print(e)
+"""
+
+
+def test_a_real_full_disk_during_a_save(tmp_path):
+    """A 1 MiB tmpfs in a private mount namespace (needs unshare and mount rights; skipped where there are none)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs unshare -rm and mount)")
+    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && {sys.executable} -c '{FULL_DISK_SCRIPT}' {disk}/ckpt "
+              f"{tmp_path}/store && ls -A {disk}/ckpt && cat {disk}/ckpt/latest_checkpointed_iteration.txt")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    message, *listing, latest = proc.stdout.strip().splitlines()
+    needed = 4 * (1 << 20) + torch.get_rng_state().numel()
+    assert message.startswith(f"--save {disk}/ckpt: no space: the checkpoint of step 2 needs {needed} bytes")
+    assert message.endswith("the partial iter_0000002.tmp was removed and step 1 is still the latest checkpoint; "
+                            "free space or point --save at a larger disk")
+    assert listing == ["iter_0000001", "latest_checkpointed_iteration.txt"] and latest == "1"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from vime_spmd.checks import check_ranges
 from vime_spmd.config import build_parser, parse_config, validate
 
 # Flags a vime/slime user types; renaming one breaks their scripts.
@@ -39,10 +42,63 @@ def test_flags_land_in_their_component():
     assert cfg.global_batch_size == 16 * 4  # defaults to the whole rollout (4 samples per prompt)
 
 
-def test_unknown_flag_is_refused(capsys):
-    with pytest.raises(SystemExit):
+def test_unknown_flag_is_refused_with_the_closest_known_one():
+    with pytest.raises(ValueError, match=r"^unknown flag: --rollout-batchsize \(did you mean --rollout-batch-size\?\)"):
         parse_config(BASE + ["--rollout-batchsize", "8"])
-    assert "unrecognized arguments: --rollout-batchsize" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^unknown flags: --zzz, --yyy; python run.py --help"):
+        parse_config(BASE + ["--zzz", "--yyy", "1"])
+    with pytest.raises(ValueError, match="argument --lr: invalid float value: 'x'"):
+        parse_config(BASE + ["--lr", "x"])
+
+
+def test_slime_script_flags_that_do_not_apply_are_named_in_one_warning(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    # From slime's Qwen3-4B script: Ray placement, MODEL_ARGS, dropout, kernels, SGLang, and sizes we support as 1.
+    cfg = parse_config(BASE + ["--actor-num-nodes", "1", "--actor-num-gpus-per-node", "8", "--swiglu", "--num-layers",
+                               "36", "--normalization", "RMSNorm", "--qk-layernorm", "--attention-dropout", "0.0",
+                               "--attention-backend", "flash", "--sglang-mem-fraction-static", "0.7",
+                               "--context-parallel-size", "1", "--optimizer", "adam", "--vllm-enforce-eager",
+                               "--lr", "2e-6"])
+    assert cfg.optimizer.lr == 2e-6  # the real flags still land
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("warning: ignoring flags that do not apply here: --actor-num-nodes "
+                           "--actor-num-gpus-per-node (no Ray")
+    for flag in ("--swiglu", "--num-layers", "--normalization", "--qk-layernorm", "--attention-dropout",
+                 "--attention-backend", "--sglang-mem-fraction-static", "--context-parallel-size", "--optimizer",
+                 "--vllm-enforce-eager"):
+        assert flag in line
+    assert "config.json" in line and "dropout is always off" in line
+
+
+def test_an_ignored_flag_is_refused_when_its_value_asks_for_something_we_cannot_do(monkeypatch):
+    with pytest.raises(ValueError, match="--context-parallel-size 2: not supported.*pass --context-parallel-size 1"):
+        parse_config(BASE + ["--context-parallel-size", "2"])
+    with pytest.raises(ValueError, match="--optimizer sgd: the optimizer is Adam"):
+        parse_config(BASE + ["--optimizer", "sgd"])
+
+
+def test_no_warning_on_other_ranks(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    parse_config(BASE + ["--swiglu"])
+    assert capsys.readouterr().err == ""
+
+
+def test_kl_loss_with_coefficient_zero_is_accepted_as_in_slime():
+    cfg = parse_config(BASE + ["--rollout-batch-size", "8", "--use-kl-loss", "--kl-loss-coef", "0"])
+    validate(cfg, 1)
+    check_ranges(cfg)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--kl-loss-coef", "-0.1"], "--kl-loss-coef -0.1: must be >= 0"),
+    (["--adam-beta2", "1"], "--adam-beta2 1.0: must be in [0, 1)"),
+    (["--vllm-gpu-memory-utilization", "1.5"], "--vllm-gpu-memory-utilization 1.5: must be in (0, 1]"),
+    (["--hang-timeout-s", "0"], "--hang-timeout-s 0.0: must be > 0"),
+])
+def test_values_out_of_range_are_refused_naming_the_flag(argv, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_ranges(parse_config(BASE + argv))
 
 
 @pytest.mark.parametrize("argv,world,message", [
@@ -53,7 +109,6 @@ def test_unknown_flag_is_refused(capsys):
     # 32 samples per step over 2 data-parallel ranks x micro-batch 16 is fine; x micro-batch 32 is not.
     (["--micro-batch-size", "32"], 2, "use a multiple of 64"),
     (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size 3: choose one of 1, 2"),
-    (["--use-kl-loss"], 1, "--kl-loss-coef > 0"),
     (["--rollout-top-p", "0"], 1, "--rollout-top-p"),
 ])
 def test_inconsistent_flags_are_refused_naming_the_flag(argv, world, message):

@@ -71,17 +71,19 @@ def test_apply_chat_template_renders_string_prompts_too(tokenizer, tmp_path):
 def test_messages_without_a_chat_template_name_the_record_and_the_fix(tokenizer, tmp_path):
     plain = build_tokenizer(512, 0)
     plain.chat_template = None
-    path = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], {"prompt": [{"role": "user", "content": "hi"}]}])
+    path = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], {"prompt": [{"role": "user", "content": "hi"}],
+                                                           "label": "x"}])
     with pytest.raises(ValueError, match="chat template") as e:
         PromptDataset(str(path), plain)
     assert f"{path}:2" in str(e.value) and "--hf-checkpoint" in str(e.value)
 
 
 def test_metadata_key_picks_the_field_and_defaults_to_empty(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "extra": {"bonus": 1.5}}, {"prompt": "b"}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "label": 1, "extra": {"bonus": 1.5}},
+                                              {"prompt": "b", "label": 2}])
     data = PromptDataset(str(path), tokenizer, metadata_key="extra")
     assert [p.metadata for p in data.prompts] == [{"bonus": 1.5}, {}]
-    assert [p.label for p in data.prompts] == ["", ""]
+    assert [p.label for p in data.prompts] == ["1", "2"]
 
 
 def test_bad_json_line_stops_the_run_naming_file_and_line(tokenizer, tmp_path):
@@ -98,7 +100,9 @@ def test_bad_json_line_stops_the_run_naming_file_and_line(tokenizer, tmp_path):
     ({"prompt": 5}, "'prompt' must be a string or a non-empty list"),
     ({"prompt": [{"role": "user"}]}, "'prompt' must be a string or a non-empty list"),
     ({"prompt": "q", "metadata": [1]}, "'metadata' must be an object"),
-    ({"prompt": ""}, "the prompt is empty after tokenization"),
+    ({"prompt": "", "label": "a"}, "the prompt is empty after tokenization"),
+    ({"prompt": "q", "answer": "a"}, "no 'label' value (the key is set by --label-key); the record's keys are "
+                                     "['answer', 'prompt']"),
 ])
 def test_each_kind_of_malformed_record_is_named(tokenizer, tmp_path, record, reason):
     path = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], record])
@@ -107,15 +111,16 @@ def test_each_kind_of_malformed_record_is_named(tokenizer, tmp_path, record, rea
 
 
 def test_skip_bad_records_skips_and_counts_them(tokenizer, tmp_path, caplog):
-    bad = ['not json', {"prompt": 5}, {"prompt": "q", "metadata": "x"}, {"prompt": ""}, '"a string"']
+    bad = ['not json', {"prompt": 5}, {"prompt": "q", "metadata": "x"}, {"prompt": "", "label": "a"}, '"a string"',
+           {"prompt": "no label"}]
     path = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], *bad, RECORDS[1]])
     with caplog.at_level(logging.WARNING, logger="vime_spmd.data"):
         data = PromptDataset(str(path), tokenizer, skip_bad_records=True)
-    assert data.num_skipped_bad == 5
+    assert data.num_skipped_bad == 6
     assert [p.label for p in data.prompts] == ["0", "2"]
-    assert [p.source for p in data.prompts] == [f"{path}:1", f"{path}:7"]
+    assert [p.source for p in data.prompts] == [f"{path}:1", f"{path}:8"]
     (line,) = [r.getMessage() for r in caplog.records]
-    assert "skipped 5 malformed records" in line and f"{path}:2: not valid JSON" in line
+    assert "skipped 6 malformed records" in line and f"{path}:2: not valid JSON" in line
 
 
 def test_all_records_malformed_is_an_error_even_when_skipping(tokenizer, tmp_path):
@@ -188,8 +193,33 @@ def test_messages_the_chat_template_refuses_are_malformed_records(tokenizer, tmp
     strict = build_tokenizer(512, 0)
     strict.chat_template = ("{% for m in messages %}{% if m['role'] != 'user' %}"
                             "{{ raise_exception('only user turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "hi"}]},
-                                              {"prompt": [{"role": "tool", "content": "x"}]}])
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "hi"}], "label": "a"},
+                                              {"prompt": [{"role": "tool", "content": "x"}], "label": "b"}])
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:2: the chat template refused .*only user turns"):
         PromptDataset(str(path), strict)
     assert len(PromptDataset(str(path), strict, skip_bad_records=True)) == 1
+
+
+def test_a_line_that_is_not_utf8_is_named_with_its_line_and_can_be_skipped(tokenizer, tmp_path):
+    path = tmp_path / "p.jsonl"
+    good = json.dumps(RECORDS[0]).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9", "label": "1"}\n' + json.dumps(RECORDS[1]).encode() + b"\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:2: not UTF-8 text \\(byte 0xe9 at column 16\\)"):
+        PromptDataset(str(path), tokenizer)
+    data = PromptDataset(str(path), tokenizer, skip_bad_records=True)
+    assert data.num_skipped_bad == 1 and [p.source for p in data.prompts] == [f"{path}:1", f"{path}:3"]
+
+
+def test_a_byte_order_mark_opening_the_file_is_accepted(tokenizer, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in RECORDS[:2]).encode())
+    assert [p.label for p in PromptDataset(str(path), tokenizer).prompts] == ["0", "2"]
+
+
+def test_a_compressed_file_given_as_jsonl_is_named_with_the_fix(tokenizer, tmp_path):
+    import gzip
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS)))
+    with pytest.raises(ValueError, match=f"--prompt-data {re.escape(str(path))}: a gzip-compressed file.*gunzip"):
+        PromptDataset(str(path), tokenizer, skip_bad_records=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, failures
 from ..config import parse_config, validate
 from ..device import init_distributed, select_accelerator
 from ..parallel import Layout
@@ -74,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="HF model folder to write")
     args, run_flags = parser.parse_known_args(argv)
-    export(args.out, run_flags)
+    try:
+        export(args.out, run_flags)
+    except ValueError as e:  # a bad flag or checkpoint: one line, as run.py prints it
+        failures.report(str(e))
+        sys.exit(2)
 
 
 if __name__ == "__main__":
