@@ -14,7 +14,7 @@ from .data import PromptDataset
 from .device import init_distributed, select_accelerator
 from .memory import MemoryManager
 from .metrics import MetricsLog, StepTimer
-from .parallel import Layout
+from .parallel import Layout, pipeline_split
 from .step import RLStep
 from .sync import WeightSync, choose_format
 
@@ -39,8 +39,11 @@ def prepare(cfg: Config) -> PromptDataset:
     """Everything that can reject the user's input, before any expensive work. Raises ValueError."""
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     check_inputs(cfg)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    p = cfg.parallel
+    pipeline_split(AutoConfig.from_pretrained(cfg.model.hf_checkpoint).num_hidden_layers, p.pipeline_model_parallel_size,
+                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
     return PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
                          label_key=cfg.data.label_key, metadata_key=cfg.data.metadata_key,

@@ -32,7 +32,8 @@ from ...config import Config
 from ...device import Accelerator
 from .cpu_patches import apply_cpu_patches
 from .families import family_for
-from .model import build_gpt_model
+from .model import BuildOptions, build_gpt_model
+from .schedule import build_scheduler
 from .vocab_parallel import logprobs_and_entropy
 
 logger = logging.getLogger(__name__)
@@ -89,24 +90,25 @@ class MegatronActor:
         self.region = region
         with region("params"):
             model = self._build(cfg.model.hf_checkpoint)
-        # The DDP gradient buffer. (A distributed optimizer would move the parameters into this buffer too; they
-        # would then need the backed-up "params" tag.)
-        with region("grads"):
+        o = cfg.optimizer
+        # The DDP gradient buffer. A distributed optimizer moves the parameters into a buffer allocated with it: the
+        # weights then live there, so it takes the backed-up "params" tag (the gradient buffer with it).
+        with region("params" if o.use_distributed_optimizer else "grads"):
             self.model = DistributedDataParallel(
                 config=model.config,
                 ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                         use_distributed_optimizer=False),
+                                                         use_distributed_optimizer=o.use_distributed_optimizer),
                 module=model,
             )
-        o = cfg.optimizer
         with region("optimizer"):  # the fp32 main params of a bf16 model
             self.optimizer = get_megatron_optimizer(
-                MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay,
+                MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
                                         bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-                                        use_distributed_optimizer=False),
+                                        use_distributed_optimizer=o.use_distributed_optimizer),
                 [self.model],
             )
+        self.scheduler = build_scheduler(self.optimizer, o, cfg.lr_decay_iters)
         if memory is not None:
             # Adam allocates its moments lazily, at the first step(): outside every region, they could never be
             # paused. They are allocated now, in the optimizer region (MemoryManager.allocate_optimizer_state).
@@ -120,8 +122,13 @@ class MegatronActor:
         self.export_plan = self._exchange_export_plan()
 
     def _build(self, hf_path: str) -> torch.nn.Module:
+        t, p = self.cfg.train, self.cfg.parallel
+        options = BuildOptions(t.attention_backend, t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
+                               p.sequence_parallel, p.decoder_first_pipeline_num_layers,
+                               p.decoder_last_pipeline_num_layers)
         model = build_gpt_model(self.shape, self.tp_size, self.dtype, on_cpu=self.acc.kind == "cpu",
-                                pp=self.pp_size, pre_process=self.first_stage, post_process=self.last_stage)
+                                pp=self.pp_size, pre_process=self.first_stage, post_process=self.last_stage,
+                                options=options)
         model.to(self.acc.torch_device)
         state = self.family.to_megatron(load_hf_state_dict(hf_path), self.shape, self.tp_rank, self.tp_size)
         used: set[str] = set()
@@ -151,10 +158,13 @@ class MegatronActor:
     # ---- forward ---------------------------------------------------------------------------------------
 
     def _micro_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """A right-padded, causal micro-batch, and where its response tokens are predicted."""
+        """A right-padded, causal micro-batch, and where its response tokens are predicted. Padding is harmless:
+        it comes after every real token, which causal attention never lets see it."""
         device = self.acc.torch_device
         lengths = [s.num_tokens for s in samples]
         seq_len = max(lengths)
+        if self.cfg.parallel.sequence_parallel:  # the sequence is split over tensor-parallel ranks
+            seq_len = -(-seq_len // self.tp_size) * self.tp_size
         tokens = torch.zeros(len(samples), seq_len, dtype=torch.long)
         for i, s in enumerate(samples):
             tokens[i, : lengths[i]] = torch.tensor(s.prompt_ids + s.response_ids)
@@ -165,10 +175,12 @@ class MegatronActor:
         for i, s in enumerate(samples):
             start = len(s.prompt_ids) - 1
             index[i, : len(s.response_ids)] = torch.arange(start, start + len(s.response_ids))
-        causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+        mask = None  # SDPA is causal by itself; Megatron's local attention needs the [s, s] mask (True: hidden)
+        if self.cfg.train.attention_backend == "local":
+            mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
         return {"tokens": tokens, "labels": torch.roll(tokens, shifts=-1, dims=1),
                 "position_ids": torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens),
-                "attention_mask": causal.view(1, 1, seq_len, seq_len), "index": index}
+                "attention_mask": mask, "index": index}
 
     def _response_logprobs(self, logits: torch.Tensor, batch: dict, with_entropy: bool):
         """Response-token logprobs (and entropy) [b, R] from the last stage's logits of a micro-batch."""
@@ -272,12 +284,15 @@ class MegatronActor:
                                            loss_and_metrics, forward_only=False)
         # Gradients summed over data parallel, and (tied embeddings, stages) over the embedding group.
         finalize_model_grads([self.model])
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise RuntimeError("the optimizer skipped its step (non-finite gradients)")
+        self.scheduler.step(1)
         sums = torch.tensor([sum(v[key] for v in per_micro) for key in keys], dtype=torch.float64)
         metrics = self.sum_over_dp(dict(zip(keys, self._from_last_stage(sums).tolist())))
         metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = lr
         return metrics
 
     def sum_over_dp(self, values: dict[str, float], op=torch.distributed.ReduceOp.SUM) -> dict[str, float]:
@@ -308,13 +323,25 @@ class MegatronActor:
     # ---- checkpoints -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's training state: its Megatron shards and its optimizer state (plain tensors)."""
-        return {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """This rank's training state: its Megatron shards, its optimizer state (plain tensors) and the learning-rate
+        schedule's position. A distributed optimizer keeps its sharded state out of `state_dict()`: it is gathered on
+        data-parallel rank 0 (None on the others), and scattered back on load."""
+        state = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.cfg.optimizer.use_distributed_optimizer:
+            state["optimizer_shards"] = [opt.get_parameter_state_dp_zero() for opt in self._optimizers()]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.module.load_state_dict(state["model"], strict=True)
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
             self.optimizer.load_state_dict(state["optimizer"])
+            for opt, shards in zip(self._optimizers(), state.get("optimizer_shards", [])):
+                opt.load_parameter_state_from_dp_zero(shards)
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _optimizers(self) -> list:
+        return getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer]
 
     # ---- weight export ---------------------------------------------------------------------------------
 
