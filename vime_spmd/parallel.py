@@ -87,8 +87,9 @@ def pipeline_split(num_layers: int, pp: int, first: int | None = None, last: int
     share of the rest. With neither flag and `pp` not dividing the layers, the split is automatic: middle stages
     hold L // pp or one more, first and last the rest, the last (which also computes the logits and the loss)
     no more than the first. Raises ValueError naming the flags for a layout that cannot exist."""
-    flags = (f"--pipeline-model-parallel-size {pp}, --decoder-first-pipeline-num-layers {first}, "
-             f"--decoder-last-pipeline-num-layers {last}")
+    flags = ", ".join([f"--pipeline-model-parallel-size {pp}"] +
+                      [f"{flag} {n}" for flag, n in (("--decoder-first-pipeline-num-layers", first),
+                                                     ("--decoder-last-pipeline-num-layers", last)) if n is not None])
     if num_layers < pp:
         raise ValueError(f"--pipeline-model-parallel-size {pp}: the model has only {num_layers} layers, fewer than "
                          f"the stages; use at most {num_layers} stages")
@@ -120,7 +121,7 @@ def pipeline_split(num_layers: int, pp: int, first: int | None = None, last: int
 
 def _automatic_split(num_layers: int, pp: int) -> list[int]:
     best = None
-    for per_middle in (num_layers // pp + 1, num_layers // pp):
+    for per_middle in (num_layers // pp, num_layers // pp + 1):  # ties: the first stage takes the extra layers
         ends = num_layers - per_middle * (pp - 2)
         if ends < 2:
             continue

@@ -49,7 +49,7 @@ def test_unknown_flag_is_refused(capsys):
     (["--global-batch-size", "6"], 1, "--global-batch-size 6 does not divide the 32 samples"),
     # 32 samples per step over 2 data-parallel ranks x micro-batch 16 is fine; x micro-batch 32 is not.
     (["--micro-batch-size", "32"], 2, "use a multiple of 64"),
-    (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size 3: choose one of 1, 2"),
+    (["--pipeline-model-parallel-size", "0"], 1, "--pipeline-model-parallel-size 0: must be at least 1"),
     (["--use-kl-loss"], 1, "--kl-loss-coef > 0"),
     (["--rollout-top-p", "0"], 1, "--rollout-top-p"),
 ])
