@@ -324,20 +324,26 @@ class MegatronActor:
 
     def state_dict(self) -> dict:
         """This rank's training state: its Megatron shards, its optimizer state (plain tensors) and the learning-rate
-        schedule's position. A distributed optimizer keeps its sharded state out of `state_dict()`: it is gathered on
-        data-parallel rank 0 (None on the others), and scattered back on load."""
+        schedule's position. A distributed optimizer keeps its sharded state out of `state_dict()`: each rank saves
+        its own shard (checkpoints are per rank), in Megatron's bucket layout."""
         state = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
         if self.cfg.optimizer.use_distributed_optimizer:
-            state["optimizer_shards"] = [opt.get_parameter_state_dp_zero() for opt in self._optimizers()]
+            state["optimizer_shards"] = [opt.get_parameter_state_dp_reshardable() for opt in self._optimizers()]
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if ("optimizer_shards" in state) != self.cfg.optimizer.use_distributed_optimizer:
+            flag = "with" if "optimizer_shards" in state else "without"
+            raise ValueError(f"--load: the checkpoint was written {flag} --use-distributed-optimizer; load it {flag} "
+                             f"that flag")
         self.model.module.load_state_dict(state["model"], strict=True)
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
             self.optimizer.load_state_dict(state["optimizer"])
-            for opt, shards in zip(self._optimizers(), state.get("optimizer_shards", [])):
-                opt.load_parameter_state_from_dp_zero(shards)
+            # no_grad: with fp32 weights the distributed optimizer's main params are views of the parameters.
+            with torch.no_grad():
+                for opt, shards in zip(self._optimizers(), state.get("optimizer_shards", [])):
+                    opt.load_parameter_state_from_dp_reshardable(_without_padding(shards))
         self.scheduler.load_state_dict(state["scheduler"])
 
     def _optimizers(self) -> list:
@@ -429,6 +435,16 @@ class MegatronActor:
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()
+
+
+def _without_padding(shards: dict) -> dict:
+    """megatron-core's `load_parameter_state_from_dp_reshardable` skips entries marked as bucket padding, a mark
+    that only its sharded (dist-checkpoint) variant writes; `get_parameter_state_dp_reshardable` holds no padding."""
+    for by_dtype in (v for k, v in shards.items() if isinstance(k, int)):
+        for buckets in by_dtype.values():
+            for entry in (e for bucket in buckets for e in bucket):
+                entry.setdefault("padding", False)
+    return shards
 
 
 _EMBEDDING = "embedding.word_embeddings.weight"
