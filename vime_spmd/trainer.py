@@ -42,8 +42,9 @@ def prepare(cfg: Config) -> PromptDataset:
     from transformers import AutoConfig, AutoTokenizer
 
     p = cfg.parallel
-    pipeline_split(AutoConfig.from_pretrained(cfg.model.hf_checkpoint).num_hidden_layers, p.pipeline_model_parallel_size,
-                   p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+    num_layers = AutoConfig.from_pretrained(cfg.model.hf_checkpoint).num_hidden_layers
+    pipeline_split(num_layers, p.pipeline_model_parallel_size, p.decoder_first_pipeline_num_layers,
+                   p.decoder_last_pipeline_num_layers)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_checkpoint)
     return PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
                          label_key=cfg.data.label_key, metadata_key=cfg.data.metadata_key,

@@ -34,8 +34,8 @@ def test_resume_continues_where_the_checkpoint_stopped(tiny_model, letters_data,
     assert second.returncode == 0
     before, (after,) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert after["step"] == 3
-    # The engine was started from the initial weights; after step 2 at lr 1e-2 (step 1: warmup, lr 0) the policy differs from
-    # them by far more than 1e-5, so this agreement shows the engine received the checkpoint's weights.
+    # The engine was started from the initial weights; after step 2 at lr 1e-2 (step 1: warmup, lr 0) the policy
+    # differs from them by far more than 1e-5, so this agreement shows the engine received the checkpoint's weights.
     assert after["train/train_rollout_logprob_abs_diff"] <= 1e-5
     assert after["data/position"] == before[-1]["data/position"] + 4  # the next 4 prompts, not the first 4
     assert after["train/param_norm"] != before[-1]["train/param_norm"]

@@ -33,6 +33,7 @@ from ...device import Accelerator
 from .cpu_patches import apply_cpu_patches
 from .families import family_for
 from .model import BuildOptions, build_gpt_model
+from .optimizer_state import load_sharded_state, sharded_state
 from .schedule import build_scheduler
 from .vocab_parallel import logprobs_and_entropy
 
@@ -324,12 +325,11 @@ class MegatronActor:
 
     def state_dict(self) -> dict:
         """This rank's training state: its Megatron shards, its optimizer state (plain tensors) and the learning-rate
-        schedule's position. A distributed optimizer keeps its sharded state out of `state_dict()`: each rank saves
-        its own shard (checkpoints are per rank), in Megatron's bucket layout."""
+        schedule's position; with a distributed optimizer, this rank's shard of its state (optimizer_state.py)."""
         state = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict()}
         if self.cfg.optimizer.use_distributed_optimizer:
-            state["optimizer_shards"] = [opt.get_parameter_state_dp_reshardable() for opt in self._optimizers()]
+            state["optimizer_shards"] = sharded_state(self.optimizer)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -340,14 +340,9 @@ class MegatronActor:
         self.model.module.load_state_dict(state["model"], strict=True)
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
             self.optimizer.load_state_dict(state["optimizer"])
-            # no_grad: with fp32 weights the distributed optimizer's main params are views of the parameters.
-            with torch.no_grad():
-                for opt, shards in zip(self._optimizers(), state.get("optimizer_shards", [])):
-                    opt.load_parameter_state_from_dp_reshardable(_without_padding(shards))
+            if "optimizer_shards" in state:
+                load_sharded_state(self.optimizer, state["optimizer_shards"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-    def _optimizers(self) -> list:
-        return getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer]
 
     # ---- weight export ---------------------------------------------------------------------------------
 
@@ -435,16 +430,6 @@ class MegatronActor:
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()
-
-
-def _without_padding(shards: dict) -> dict:
-    """megatron-core's `load_parameter_state_from_dp_reshardable` skips entries marked as bucket padding, a mark
-    that only its sharded (dist-checkpoint) variant writes; `get_parameter_state_dp_reshardable` holds no padding."""
-    for by_dtype in (v for k, v in shards.items() if isinstance(k, int)):
-        for buckets in by_dtype.values():
-            for entry in (e for bucket in buckets for e in bucket):
-                entry.setdefault("padding", False)
-    return shards
 
 
 _EMBEDDING = "embedding.word_embeddings.weight"
