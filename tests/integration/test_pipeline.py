@@ -1,9 +1,10 @@
-"""Pipeline parallelism in the training backend: with 2 stages (TP 1 on 2 ranks, TP 2 on 4 ranks) the actor
-computes transformers' logits and logprobs, exports the whole model on every rank, and one training step updates
-the weights exactly as the same step without stages (same TP) does.
+"""Pipeline parallelism in the training backend: with 2 stages (TP 1 on 2 ranks, TP 2 on 4 ranks) and 3 stages (TP 1
+on 3 ranks) the actor computes transformers' logits and logprobs, exports the whole model on every rank, and one
+training step updates the weights exactly as the same step without stages (same TP) does.
 
 One torchrun per world size runs all its cases (scripts/check_pipeline.py); each test reads its case's report.
-4-layer tiny models: each stage holds 2 layers, so the second stage's layers are renamed with an offset.
+4-layer tiny models: with 2 stages each holds 2 layers, so the second stage's layers are renamed with an offset;
+with 3 stages (an uneven split) the stages hold 2, 1 and 1.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ RUNS = {  # world size -> case -> (model, TP, PP); the rest of the world is data
     2: {"tied-tp1-pp1": ("tied", 1, 1), "tied-tp1-pp2": ("tied", 1, 2),
         "untied-tp1-pp1": ("untied", 1, 1), "untied-tp1-pp2": ("untied", 1, 2)},
     4: {"tied-tp2-pp1": ("tied", 2, 1), "tied-tp2-pp2": ("tied", 2, 2), "tied-tp1-pp2-dp2": ("tied", 1, 2)},
+    3: {"tied-tp1-pp3": ("tied", 1, 3)},  # 4 layers over 3 stages: the automatic split 2, 1, 1
 }
 CASES = [(world, case) for world, cases in RUNS.items() for case in cases]
 # A step with stages against the same step without (same TP: TP changes float summation order, which Adam's
 # first step, ~lr * sign(grad), can turn into ~lr-sized differences on near-zero gradients).
 SAME_STEP = [("tied-tp1-pp2", "tied-tp1-pp1"), ("untied-tp1-pp2", "untied-tp1-pp1"),
-             ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1")]
+             ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1"), ("tied-tp1-pp3", "tied-tp1-pp1")]
 LR = 1e-4  # scripts/check_pipeline.py: Adam's first step moves weights by up to ~LR
 
 
