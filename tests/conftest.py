@@ -46,15 +46,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(nproc: int, script: str | Path, *args: str, timeout_s: int = 600) -> subprocess.CompletedProcess:
+def run_ranks(nproc: int, script: str | Path, *args: str, timeout_s: int = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a script (or `"-m", module`) under torchrun (nproc > 0) or as a plain process (nproc == 0), from the
-    repo root."""
+    repo root, with `env` added to the environment."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master-port", str(free_port()), str(script), *args]
     else:
         cmd = [sys.executable, str(script), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode not in (0, 2):
         sys.stderr.write(proc.stdout[-6000:] + proc.stderr[-6000:])

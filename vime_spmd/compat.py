@@ -43,7 +43,6 @@ IGNORED = (
     *(Ignored(f, False, KERNELS) for f in ("--accumulate-allreduce-grads-in-fp32", "--attention-softmax-in-fp32",
                                            "--bf16", "--no-gradient-accumulation-fusion",
                                            "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion")),
-    Ignored("--attention-backend", True, KERNELS),
     Ignored("--vllm-enforce-eager", False, "the engine's eager mode is chosen by vime-spmd (always on CPU and NPU)"),
     Ignored("--sglang-mem-fraction-static", True, ENGINE + " (--vllm-gpu-memory-utilization)"),
     Ignored("--megatron-to-hf-mode", True, "weights convert in process, from Megatron's shards to the engine"),

@@ -22,6 +22,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 from . import compat
 
 
+# Megatron-LM's --attention-backend values (what slime scripts pass) and the backend of ours that does that job.
+ATTENTION_BACKEND_ALIASES = {"flash": "sdpa", "fused": "sdpa", "auto": "sdpa", "unfused": "local"}
+
+
 def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -36,7 +40,12 @@ class ModelConfig:
 class ParallelConfig:
     device: str = opt("auto", "accelerator: auto, cpu, cuda or npu", choices=["auto", "cpu", "cuda", "npu"])
     tensor_model_parallel_size: int = opt(1, "training tensor-parallel size")
-    pipeline_model_parallel_size: int = opt(1, "training pipeline-parallel size (stages of layers): 1 or 2")
+    pipeline_model_parallel_size: int = opt(1, "training pipeline-parallel size (stages of layers)")
+    decoder_first_pipeline_num_layers: int | None = opt(None, "layers of the first pipeline stage (default: an even "
+                                                              "split, or an automatic one when uneven)")
+    decoder_last_pipeline_num_layers: int | None = opt(None, "layers of the last pipeline stage (default: as above)")
+    sequence_parallel: bool = opt(False, "split activations outside the tensor-parallel layers along the sequence "
+                                         "(needs --tensor-model-parallel-size > 1)")
     make_vocab_size_divisible_by: int = opt(1, "pad the Megatron vocabulary to a multiple of this (times the TP size)")
     rollout_num_gpus_per_engine: int = opt(1, "ranks per vLLM engine (the engine's tensor-parallel size)")
     colocate: bool = opt(True, "training and rollout share the same devices (the only mode)")
@@ -109,6 +118,14 @@ class OptimizerConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.98, "AdamW beta2")
     clip_grad: float = opt(1.0, "clip the global gradient norm to this value")
+    lr_decay_style: str = opt("constant", "learning-rate schedule after warmup (Megatron's scheduler)",
+                              choices=["constant", "linear", "cosine"])
+    lr_warmup_iters: int = opt(0, "optimizer steps of linear warmup from 0 to --lr")
+    lr_decay_iters: int | None = opt(None, "optimizer steps over which the rate decays from --lr to --min-lr "
+                                           "(default: every optimizer step of the run)")
+    min_lr: float = opt(0.0, "learning rate at the end of the decay")
+    use_distributed_optimizer: bool = opt(False, "shard the optimizer state (fp32 main params, Adam moments) over "
+                                                 "the data-parallel ranks")
 
 
 @dataclass
@@ -133,6 +150,18 @@ class TrainConfig:
     global_batch_size: int | None = opt(None, "samples per optimizer step (default: the whole rollout)")
     micro_batch_size: int = opt(4, "samples per forward/backward pass on one rank")
     seed: int = opt(1234, "seed of sampling, data order and initialisation")
+    attention_backend: str = opt("sdpa", "core attention: sdpa (causal scaled_dot_product_attention, no [s, s] mask "
+                                         "or scores kept) or local (Megatron's unfused attention); Megatron-LM's "
+                                         "names from slime scripts map onto these: flash, fused, auto -> sdpa; "
+                                         "unfused -> local",
+                                 choices=["sdpa", "local", *ATTENTION_BACKEND_ALIASES])
+    recompute_granularity: str | None = opt(None, "activation recompute: full (whole layers) or selective (the core "
+                                                  "attention)", choices=["full", "selective"])
+    recompute_method: str | None = opt(None, "with full recompute: uniform (every layer, in chunks of "
+                                             "--recompute-num-layers) or block (the first --recompute-num-layers "
+                                             "layers of each stage)", choices=["uniform", "block"])
+    recompute_num_layers: int | None = opt(None, "with full recompute: layers per chunk (uniform) or per stage "
+                                                 "(block)")
     train_memory_margin_bytes: int = opt(1 << 30, "device memory kept free when the trainer resumes or allocates "
                                                   "in its regions (accelerators); less stops the run with an error")
 
@@ -207,6 +236,15 @@ class Config:
     def global_batch_size(self) -> int:
         return self.train.global_batch_size or self.num_samples_per_rollout
 
+    @property
+    def num_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run (the learning-rate schedule's iterations)."""
+        return self.train.num_rollout * (self.num_samples_per_rollout // self.global_batch_size)
+
+    @property
+    def lr_decay_iters(self) -> int:
+        return self.optimizer.lr_decay_iters or self.num_optimizer_steps
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -272,9 +310,6 @@ def parse_config(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-PIPELINE_SIZES = (1, 2)  # pipeline stages the training backend is tested with
-
-
 def validate(cfg: Config, world_size: int) -> None:
     """Checks that need no file access: sizes, divisibility, and ranges. Raise ValueError naming the fix.
     Also resolves `--rm-type` (custom when `--custom-rm-path` is given, else math by default)."""
@@ -283,13 +318,12 @@ def validate(cfg: Config, world_size: int) -> None:
                 "--rollout-num-gpus-per-engine": p.rollout_num_gpus_per_engine,
                 "--rollout-batch-size": r.rollout_batch_size, "--n-samples-per-prompt": r.n_samples_per_prompt,
                 "--rollout-max-response-len": r.rollout_max_response_len, "--micro-batch-size": t.micro_batch_size,
+                "--pipeline-model-parallel-size": p.pipeline_model_parallel_size,
                 "--num-rollout": t.num_rollout, "--global-batch-size": cfg.global_batch_size}
     for flag, value in positive.items():
         if value < 1:
             raise ValueError(f"{flag} {value}: must be at least 1")
     pp = p.pipeline_model_parallel_size
-    if pp not in PIPELINE_SIZES:
-        raise ValueError(f"--pipeline-model-parallel-size {pp}: choose one of {', '.join(map(str, PIPELINE_SIZES))}")
     if not p.colocate:
         raise ValueError("--no-colocate: vime-spmd always colocates training and rollout; drop the flag")
     tp = p.tensor_model_parallel_size
@@ -352,6 +386,7 @@ def validate(cfg: Config, world_size: int) -> None:
     _validate_sampling(r)
     _validate_eval(cfg.eval)
     _validate_log(cfg.log)
+    validate_training_options(cfg)
 
 
 def _validate_sampling(r: RolloutConfig) -> None:
@@ -419,6 +454,35 @@ def _validate_log(g: LogConfig) -> None:
                 raise ValueError(f"{flag} {value}: wandb is off; add --use-wandb")
     if g.log_samples_interval is not None and g.log_samples_interval < 1:
         raise ValueError(f"--log-samples-interval {g.log_samples_interval}: must be at least 1")
+
+
+def validate_training_options(cfg: Config) -> None:
+    """The learning-rate schedule, activation recompute and sequence parallelism (the pipeline split needs the
+    model's layer count: `parallel.pipeline_split`, called in `prepare`)."""
+    o, t, p = cfg.optimizer, cfg.train, cfg.parallel
+    t.attention_backend = ATTENTION_BACKEND_ALIASES.get(t.attention_backend, t.attention_backend)
+    if o.lr <= 0:
+        raise ValueError(f"--lr {o.lr}: must be > 0")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ValueError(f"--min-lr {o.min_lr}: must be in [0, --lr {o.lr}]")
+    if o.lr_warmup_iters < 0 or (o.lr_decay_iters is not None and o.lr_decay_iters < 1):
+        raise ValueError(f"--lr-warmup-iters {o.lr_warmup_iters} / --lr-decay-iters {o.lr_decay_iters}: warmup must "
+                         f"be >= 0 and decay >= 1 optimizer steps")
+    if o.lr_warmup_iters >= cfg.lr_decay_iters:
+        raise ValueError(f"--lr-warmup-iters {o.lr_warmup_iters} must be smaller than --lr-decay-iters "
+                         f"{cfg.lr_decay_iters} (default: the run's {cfg.num_optimizer_steps} optimizer steps); "
+                         f"shorten the warmup or set --lr-decay-iters")
+    if t.recompute_granularity == "full" and (t.recompute_method is None or t.recompute_num_layers is None):
+        raise ValueError("--recompute-granularity full needs --recompute-method uniform|block and "
+                         "--recompute-num-layers N")
+    if t.recompute_granularity != "full" and (t.recompute_method is not None or t.recompute_num_layers is not None):
+        raise ValueError(f"--recompute-method / --recompute-num-layers apply to --recompute-granularity full only "
+                         f"(given: {t.recompute_granularity}); use full granularity or drop them")
+    if t.recompute_num_layers is not None and t.recompute_num_layers < 1:
+        raise ValueError(f"--recompute-num-layers {t.recompute_num_layers}: must be at least 1")
+    if p.sequence_parallel and p.tensor_model_parallel_size < 2:
+        raise ValueError("--sequence-parallel splits activations over tensor-parallel ranks: it needs "
+                         "--tensor-model-parallel-size > 1; raise it or drop the flag")
 
 
 def dump(cfg: Config, path: Path) -> None:

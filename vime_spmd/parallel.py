@@ -87,3 +87,54 @@ class Layout:
         per_rank = global_batch_size // self.dp_size
         return [start + dp_rank * per_rank + i
                 for start in range(0, batch_size, global_batch_size) for i in range(per_rank)]
+
+
+def pipeline_split(num_layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Decoder layers per pipeline stage. Megatron's layouts: the first and last stages may hold their own counts
+    (`--decoder-first-pipeline-num-layers`, `--decoder-last-pipeline-num-layers`), every middle stage the same
+    share of the rest. With neither flag and `pp` not dividing the layers, the split is automatic: middle stages
+    hold L // pp or one more, first and last the rest, the last (which also computes the logits and the loss)
+    no more than the first. Raises ValueError naming the flags for a layout that cannot exist."""
+    flags = ", ".join([f"--pipeline-model-parallel-size {pp}"] +
+                      [f"{flag} {n}" for flag, n in (("--decoder-first-pipeline-num-layers", first),
+                                                     ("--decoder-last-pipeline-num-layers", last)) if n is not None])
+    if num_layers < pp:
+        raise ValueError(f"--pipeline-model-parallel-size {pp}: the model has only {num_layers} layers, fewer than "
+                         f"the stages; use at most {num_layers} stages")
+    if pp == 1:
+        if (first, last) != (None, None):
+            raise ValueError(f"{flags}: uneven stage sizes need --pipeline-model-parallel-size >= 2; drop them")
+        return [num_layers]
+    if first is None and last is None:
+        if num_layers % pp == 0:
+            return [num_layers // pp] * pp
+        return _automatic_split(num_layers, pp)
+    if any(n is not None and n < 1 for n in (first, last)):
+        raise ValueError(f"{flags}: every stage needs at least one layer")
+    num_middle = pp - 2
+    if first is None or last is None:  # the unset end stage counts as a middle one
+        num_middle += 1
+    rest = num_layers - (first or 0) - (last or 0)
+    if (num_middle == 0 and rest != 0) or (num_middle > 0 and (rest < num_middle or rest % num_middle)):
+        what = "the first and last stages must hold all" if num_middle == 0 else \
+            f"the remaining {rest} must split evenly (at least one each) over the {num_middle} other stages"
+        raise ValueError(f"{flags}: the model has {num_layers} layers and {what}; change the flags")
+    middle = [rest // num_middle] * num_middle if num_middle else []
+    if first is None:
+        return middle + [last]
+    if last is None:
+        return [first] + middle
+    return [first] + middle + [last]
+
+
+def _automatic_split(num_layers: int, pp: int) -> list[int]:
+    best = None
+    for per_middle in (num_layers // pp, num_layers // pp + 1):  # ties: the first stage takes the extra layers
+        ends = num_layers - per_middle * (pp - 2)
+        if ends < 2:
+            continue
+        split = [-(-ends // 2)] + [per_middle] * (pp - 2) + [ends // 2]
+        if best is None or max(split) < max(best):
+            best = split
+    assert best is not None and sum(best) == num_layers, (num_layers, pp)
+    return best

@@ -16,7 +16,7 @@ from .device import init_distributed, select_accelerator
 from .evaluation import EvalSet, Evaluator, load_eval_sets
 from .metrics import StepTimer
 from .observe import RunLog
-from .parallel import Layout
+from .parallel import Layout, pipeline_split
 from .signals import StopRequests
 from .step import RLStep
 from .watchdog import Watchdog
@@ -43,6 +43,11 @@ def prepare(cfg: Config) -> tuple[PromptDataset, list[EvalSet]]:
         checks.check_output_dir(cfg.checkpoint.save, "--save")
     if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the logs
         checks.check_output_dir(cfg.log.log_dir, "--log-dir")
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(cfg.model.hf_checkpoint).num_hidden_layers
+    pipeline_split(num_layers, p.pipeline_model_parallel_size, p.decoder_first_pipeline_num_layers,
+                   p.decoder_last_pipeline_num_layers)
     tokenizer = checks.load_tokenizer(cfg.model.hf_checkpoint)
     dataset = PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
                             label_key=cfg.data.label_key, metadata_key=cfg.data.metadata_key,

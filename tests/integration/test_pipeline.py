@@ -1,9 +1,10 @@
-"""Pipeline parallelism in the training backend: with 2 stages (TP 1 on 2 ranks, TP 2 on 4 ranks) the actor
-computes transformers' logits and logprobs, exports the whole model on every rank, and one training step updates
-the weights exactly as the same step without stages (same TP) does.
+"""Pipeline parallelism in the training backend: with 2 stages (TP 1 on 2 ranks, TP 2 on 4 ranks) and 3 stages (TP 1
+on 3 ranks) the actor computes transformers' logits and logprobs, exports the whole model on every rank, and one
+training step updates the weights exactly as the same step without stages (same TP) does.
 
 One torchrun per world size runs all its cases (scripts/check_pipeline.py); each test reads its case's report.
-4-layer tiny models: each stage holds 2 layers, so the second stage's layers are renamed with an offset.
+4-layer tiny models: with 2 stages each holds 2 layers, so the second stage's layers are renamed with an offset;
+with 3 stages (an uneven split) the stages hold 2, 1 and 1.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ RUNS = {  # world size -> case -> (model, TP, PP); the rest of the world is data
     2: {"tied-tp1-pp1": ("tied", 1, 1), "tied-tp1-pp2": ("tied", 1, 2),
         "untied-tp1-pp1": ("untied", 1, 1), "untied-tp1-pp2": ("untied", 1, 2)},
     4: {"tied-tp2-pp1": ("tied", 2, 1), "tied-tp2-pp2": ("tied", 2, 2), "tied-tp1-pp2-dp2": ("tied", 1, 2)},
+    3: {"tied-tp1-pp3": ("tied", 1, 3)},  # 4 layers over 3 stages: the automatic split 2, 1, 1
 }
 CASES = [(world, case) for world, cases in RUNS.items() for case in cases]
 # A step with stages against the same step without (same TP: TP changes float summation order, which Adam's
 # first step, ~lr * sign(grad), can turn into ~lr-sized differences on near-zero gradients).
 SAME_STEP = [("tied-tp1-pp2", "tied-tp1-pp1"), ("untied-tp1-pp2", "untied-tp1-pp1"),
-             ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1")]
+             ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1"), ("tied-tp1-pp3", "tied-tp1-pp1")]
 LR = 1e-4  # scripts/check_pipeline.py: Adam's first step moves weights by up to ~LR
 
 
@@ -85,3 +87,32 @@ def test_one_step_with_stages_equals_the_step_without(runs, staged, plain):
     # The next forward sees the same model (with tied embeddings: the last stage's copy moved with the first's).
     after_a, after_b = torch.tensor(a["logprobs_after"]), torch.tensor(b["logprobs_after"])
     assert (after_a - after_b).abs().max().item() <= 1e-5
+
+
+def test_three_layers_over_two_stages_train_in_agreement_with_the_engine(letters_data, tmp_path):
+    """PP 2 does not divide 3 layers: the automatic split gives the first stage 2, the last 1 (it also computes
+    the logits and the loss). Both steps keep the trainer and the engine in agreement, with each stage recomputing
+    its first layer in backward (full recompute, block method)."""
+    from tests.conftest import read_metrics
+    from tests.integration.test_grpo_e2e import COMMON, check_steps
+
+    model = make_model(tmp_path / "model", "--num-layers", "3", "--seed", "5")
+    proc = run_ranks(2, ROOT / "run.py", "--hf-checkpoint", str(model), "--prompt-data", str(letters_data),
+                     "--num-rollout", "2", "--pipeline-model-parallel-size", "2", "--log-dir", str(tmp_path / "run"),
+                     "--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1",
+                     *COMMON)
+    assert proc.returncode == 0
+    check_steps(read_metrics(tmp_path / "run"), 2)
+
+
+def test_impossible_pipeline_layout_is_refused_before_any_work(tmp_path, letters_data):
+    """A first stage of 3 layers leaves none for the second: refused in `prepare` (here a process told it is one of 2
+    ranks, so that nothing but the checks can run), one error line naming the flags, exit code 2."""
+    model = make_model(tmp_path / "model", "--num-layers", "3")
+    proc = run_ranks(0, ROOT / "run.py", "--hf-checkpoint", str(model), "--prompt-data", str(letters_data),
+                     "--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "3",
+                     timeout_s=120, env={"WORLD_SIZE": "2"})
+    assert proc.returncode == 2
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "--pipeline-model-parallel-size 2, --decoder-first-pipeline-num-layers 3" in line
+    assert "Traceback" not in proc.stderr

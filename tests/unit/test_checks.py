@@ -37,8 +37,11 @@ def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
 
 
 def run_prepare(model: Path, data: Path, *flags: str):
-    return prepare(parse_config(["--hf-checkpoint", str(model), "--prompt-data", str(data),
-                                 "--log-dir", str(data.parent / "logs"), *flags]))
+    """The training dataset `prepare` returns (no eval sets are asked for here)."""
+    dataset, eval_sets = prepare(parse_config(["--hf-checkpoint", str(model), "--prompt-data", str(data),
+                                               "--log-dir", str(data.parent / "logs"), *flags]))
+    assert eval_sets == []
+    return dataset
 
 
 def refused(model: Path, data: Path, *flags: str) -> str:

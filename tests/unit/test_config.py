@@ -60,11 +60,13 @@ def test_slime_script_flags_that_do_not_apply_are_named_in_one_warning(capsys, m
                                "--context-parallel-size", "1", "--optimizer", "adam", "--vllm-enforce-eager",
                                "--lr", "2e-6"])
     assert cfg.optimizer.lr == 2e-6  # the real flags still land
+    validate(cfg, 1)
+    assert cfg.train.attention_backend == "sdpa"  # Megatron-LM's "flash" is our fused causal attention
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("warning: ignoring flags that do not apply here: --actor-num-nodes "
                            "--actor-num-gpus-per-node (no Ray")
     for flag in ("--swiglu", "--num-layers", "--normalization", "--qk-layernorm", "--attention-dropout",
-                 "--attention-backend", "--sglang-mem-fraction-static", "--context-parallel-size", "--optimizer",
+                 "--sglang-mem-fraction-static", "--context-parallel-size", "--optimizer",
                  "--vllm-enforce-eager"):
         assert flag in line
     assert "config.json" in line and "dropout is always off" in line
@@ -108,7 +110,7 @@ def test_values_out_of_range_are_refused_naming_the_flag(argv, message):
     (["--global-batch-size", "6"], 1, "--global-batch-size 6 does not divide the 32 samples"),
     # 32 samples per step over 2 data-parallel ranks x micro-batch 16 is fine; x micro-batch 32 is not.
     (["--micro-batch-size", "32"], 2, "use a multiple of 64"),
-    (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size 3: choose one of 1, 2"),
+    (["--pipeline-model-parallel-size", "0"], 1, "--pipeline-model-parallel-size 0: must be at least 1"),
     (["--rollout-top-p", "0"], 1, "--rollout-top-p"),
 ])
 def test_inconsistent_flags_are_refused_naming_the_flag(argv, world, message):

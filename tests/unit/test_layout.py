@@ -116,7 +116,8 @@ def test_two_pipeline_stages_are_accepted(tp, world):
 
 
 @pytest.mark.parametrize("flags, world, message", [
-    (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size 3: choose one of 1, 2"),
+    (["--pipeline-model-parallel-size", "3"], 2,
+     "--tensor-model-parallel-size 1 x --pipeline-model-parallel-size 3 does not divide the world of 2"),
     (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 2,
      "--tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2 does not divide the world of 2"),
     # 32 samples per step over DP 2 (4 ranks / PP 2) x micro-batch 32 is not divisible.

@@ -31,7 +31,9 @@ from ...device import Accelerator
 from ...parallel import Layout
 from . import apply_platform_patches
 from .families import family_for
-from .model import build_from_hf, own_params
+from .model import BuildOptions, build_from_hf, own_params
+from .optimizer_state import load_sharded_state, sharded_state
+from .schedule import build_scheduler
 from .vocab_parallel import logprobs_and_entropy
 
 logger = logging.getLogger(__name__)
@@ -60,24 +62,25 @@ class MegatronActor:
         self.region = region
         with region("params"):
             model = self._build(cfg.model.hf_checkpoint)
-        # The DDP gradient buffer. (A distributed optimizer would move the parameters into this buffer too; they
-        # would then need the backed-up "params" tag.)
-        with region("grads"):
+        o = cfg.optimizer
+        # The DDP gradient buffer. A distributed optimizer moves the parameters into a buffer allocated with it: the
+        # weights then live there, so it takes the backed-up "params" tag (the gradient buffer with it).
+        with region("params" if o.use_distributed_optimizer else "grads"):
             self.model = DistributedDataParallel(
                 config=model.config,
                 ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                         use_distributed_optimizer=False),
+                                                         use_distributed_optimizer=o.use_distributed_optimizer),
                 module=model,
             )
-        o = cfg.optimizer
         with region("optimizer"):  # the fp32 main params of a bf16 model
             self.optimizer = get_megatron_optimizer(
-                MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr, weight_decay=o.weight_decay,
+                MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
                                         bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-                                        use_distributed_optimizer=False),
+                                        use_distributed_optimizer=o.use_distributed_optimizer),
                 [self.model],
             )
+        self.scheduler = build_scheduler(self.optimizer, o, cfg.lr_decay_iters)
         if memory is not None:
             # Adam allocates its moments lazily, at the first step(): outside every region, they could never be
             # paused. They are allocated now, in the optimizer region (MemoryManager.allocate_optimizer_state).
@@ -90,15 +93,23 @@ class MegatronActor:
             self.ref_model.requires_grad_(False)
 
     def _build(self, hf_path: str) -> torch.nn.Module:
-        return build_from_hf(hf_path, self.family, self.shape, self.layout, self.dtype, self.acc.torch_device)
+        t, p = self.cfg.train, self.cfg.parallel
+        options = BuildOptions(t.attention_backend, t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
+                               p.sequence_parallel, p.decoder_first_pipeline_num_layers,
+                               p.decoder_last_pipeline_num_layers)
+        return build_from_hf(hf_path, self.family, self.shape, self.layout, self.dtype, self.acc.torch_device,
+                             options)
 
     # ---- forward ---------------------------------------------------------------------------------------
 
     def _micro_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        """A right-padded, causal micro-batch, and where its response tokens are predicted."""
+        """A right-padded, causal micro-batch, and where its response tokens are predicted. Padding is harmless:
+        it comes after every real token, which causal attention never lets see it."""
         device = self.acc.torch_device
         lengths = [s.num_tokens for s in samples]
         seq_len = max(lengths)
+        if self.cfg.parallel.sequence_parallel:  # the sequence is split over tensor-parallel ranks
+            seq_len = -(-seq_len // self.layout.tp_size) * self.layout.tp_size
         tokens = torch.zeros(len(samples), seq_len, dtype=torch.long)
         for i, s in enumerate(samples):
             tokens[i, : lengths[i]] = torch.tensor(s.prompt_ids + s.response_ids)
@@ -109,10 +120,12 @@ class MegatronActor:
         for i, s in enumerate(samples):
             start = len(s.prompt_ids) - 1
             index[i, : len(s.response_ids)] = torch.arange(start, start + len(s.response_ids))
-        causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+        mask = None  # SDPA is causal by itself; Megatron's local attention needs the [s, s] mask (True: hidden)
+        if self.cfg.train.attention_backend == "local":
+            mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
         return {"tokens": tokens, "labels": torch.roll(tokens, shifts=-1, dims=1),
                 "position_ids": torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens),
-                "attention_mask": causal.view(1, 1, seq_len, seq_len), "index": index}
+                "attention_mask": mask, "index": index}
 
     def _response_logprobs(self, logits: torch.Tensor, batch: dict, with_entropy: bool):
         """Response-token logprobs (and entropy) [b, R] from the last stage's logits of a micro-batch."""
@@ -199,13 +212,16 @@ class MegatronActor:
                                            loss_and_metrics, forward_only=False)
         # Gradients summed over data parallel, and (tied embeddings, stages) over the embedding group.
         finalize_model_grads([self.model])
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise RuntimeError("the optimizer skipped its step (non-finite gradients)")
+        self.scheduler.step(1)
         # Each micro-batch's metrics are its share of the step's (see actor_loss): their sum is the step's value.
         sums = torch.tensor([sum(m[key] for m in per_micro) for key in ACTOR_LOSS_METRICS], dtype=torch.float64)
         metrics = self.sum_over_dp(dict(zip(ACTOR_LOSS_METRICS, self._from_last_stage(sums).tolist())))
         metrics["grad_norm"] = float(grad_norm)
+        metrics["lr"] = lr
         return metrics
 
     def sum_over_dp(self, values: dict[str, float], op=torch.distributed.ReduceOp.SUM) -> dict[str, float]:
@@ -236,13 +252,25 @@ class MegatronActor:
     # ---- checkpoints -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's training state: its Megatron shards and its optimizer state (plain tensors)."""
-        return {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        """This rank's training state: its Megatron shards, its optimizer state (plain tensors) and the learning-rate
+        schedule's position; with a distributed optimizer, this rank's shard of its state (optimizer_state.py)."""
+        state = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.cfg.optimizer.use_distributed_optimizer:
+            state["optimizer_shards"] = sharded_state(self.optimizer)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if ("optimizer_shards" in state) != self.cfg.optimizer.use_distributed_optimizer:
+            flag = "with" if "optimizer_shards" in state else "without"
+            raise ValueError(f"--load: the checkpoint was written {flag} --use-distributed-optimizer; load it {flag} "
+                             f"that flag")
         self.model.module.load_state_dict(state["model"], strict=True)
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
             self.optimizer.load_state_dict(state["optimizer"])
+            if "optimizer_shards" in state:
+                load_sharded_state(self.optimizer, state["optimizer_shards"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()

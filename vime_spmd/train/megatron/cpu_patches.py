@@ -28,6 +28,9 @@ CUDA_BOUND_MODULES = {
     "megatron.core.utils": "global memory buffer and local l2-norm on 'cuda'",
     "megatron.core.pipeline_parallel.schedules": "token-count accumulator on 'cuda'",
     "megatron.core.pipeline_parallel.p2p_communication": "receive buffers on current_device(); cuda.synchronize()",
+    "megatron.core.optimizer.distrib_optimizer": "placeholder state shards on current_device() when loading",
+    "megatron.core.tensor_parallel.mappings": "sequence-parallel gather/scatter outputs on current_device()",
+    "megatron.core.tensor_parallel.layers": "sequence-parallel all-gather buffers on current_device()",
 }
 
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand")
@@ -124,6 +127,36 @@ def _keep_tied_copy_on_cpu(setup):
     return setup_on_cpu
 
 
+def _cuda_type_names(build):
+    """The distributed optimizer sorts parameters by `param.type()` and refuses any but 'torch.cuda.*Tensor'. During
+    the wrapped call only, `Tensor.type()` (no arguments) names a CPU tensor as its CUDA counterpart."""
+
+    def build_on_cpu(*args, **kwargs):
+        type_of = torch.Tensor.type
+
+        def cuda_name(t, *a, **kw):
+            name = type_of(t, *a, **kw)
+            return name.replace("torch.", "torch.cuda.", 1) if not a and not kw and t.device.type == "cpu" else name
+
+        torch.Tensor.type = cuda_name
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.Tensor.type = type_of
+
+    return build_on_cpu
+
+
+def _no_cuda_rng_state(device="cuda", clone=False, graph_safe=False):
+    """Activation recompute saves and restores the CPU generator, the CUDA generator and the tracker's states
+    around each recomputed block; without CUDA there is no CUDA generator, so its state is None."""
+    return None
+
+
+def _set_no_cuda_rng_state(new_state, device=-1, graph_safe=False) -> None:
+    assert new_state is None, "a CUDA RNG state on CPU"
+
+
 _applied = False
 
 
@@ -144,4 +177,9 @@ def apply_cpu_patches() -> None:
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     cls = language_module.LanguageModule
     cls.setup_embeddings_and_output_layer = _keep_tied_copy_on_cpu(cls.setup_embeddings_and_output_layer)
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    distrib._build_model_and_main_param_groups = classmethod(
+        _cuda_type_names(distrib._build_model_and_main_param_groups.__func__))
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    random._get_cuda_rng_state, random._set_cuda_rng_state = _no_cuda_rng_state, _set_no_cuda_rng_state
     _applied = True

@@ -10,7 +10,7 @@ HF config and refuses what the GPTModel below cannot reproduce exactly. Paramete
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,10 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from ...parallel import pipeline_split
+from .attention import SDPACausalAttention
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,42 @@ class ModelShape:
                 raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the model's {n} {what}; "
                                  f"choose a tensor-parallel size that divides it")
 
-    def check_pp(self, pp: int) -> None:
-        if self.num_layers % pp:
-            raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the model's {self.num_layers} "
-                             f"layers; choose a pipeline-parallel size that divides it")
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How the model computes, besides its shape; none of these changes the maths (tests compare them to 1e-6)."""
+
+    attention_backend: str = "sdpa"  # sdpa: causal SDPA, no mask; local: Megatron's unfused attention, [s, s] mask
+    recompute_granularity: str | None = None  # full | selective (the core attention) | None
+    recompute_method: str | None = None  # uniform | block, with full granularity
+    recompute_num_layers: int | None = None
+    sequence_parallel: bool = False
+    first_stage_layers: int | None = None  # --decoder-first-pipeline-num-layers
+    last_stage_layers: int | None = None  # --decoder-last-pipeline-num-layers
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm (what the local spec builds), usable under sequence parallelism: Megatron's torch wrapper
+    refuses it, because each tensor-parallel rank then normalises only its share of the tokens and the weight's
+    gradient must be summed over tensor parallel; the `sequence_parallel` mark makes finalize_model_grads do that."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def decoder_spec(shape: ModelShape, config: TransformerConfig, attention_backend: str) -> TransformerBlockSubmodules:
+    """Megatron's local layer spec with our norm and, for `sdpa`, the causal SDPA core attention; as many layers as
+    this pipeline stage builds."""
+    layer = get_gpt_layer_local_spec(qk_layernorm=shape.qk_layernorm, normalization="RMSNorm")
+    attention = layer.submodules.self_attention
+    parts = {"core_attention": SDPACausalAttention} if attention_backend == "sdpa" else {}
+    if shape.qk_layernorm:
+        parts |= {"q_layernorm": RMSNorm, "k_layernorm": RMSNorm}
+    attention = replace(attention, submodules=replace(attention.submodules, **parts))
+    layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+                                              self_attention=attention))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: int) -> int:
@@ -63,11 +99,13 @@ def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: in
 
 
 def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool, pp: int = 1,
-                    pre_process: bool = True, post_process: bool = True) -> GPTModel:
-    """This rank's GPTModel: with `pp` stages, its equal share of the layers, with the embedding when
-    `pre_process` (first stage) and the final norm and output layer when `post_process` (last stage)."""
+                    pre_process: bool = True, post_process: bool = True,
+                    options: BuildOptions = BuildOptions()) -> GPTModel:
+    """This rank's GPTModel: with `pp` stages, its share of the layers (`parallel.pipeline_split`), with the
+    embedding when `pre_process` (first stage) and the final norm and output layer when `post_process` (last)."""
     shape.check_tp(tp)
-    shape.check_pp(pp)
+    split = pipeline_split(shape.num_layers, pp, options.first_stage_layers, options.last_stage_layers)
+    uneven = len(set(split)) > 1
     assert shape.padded_vocab_size % tp == 0 and shape.padded_vocab_size >= shape.vocab_size, shape
     config = TransformerConfig(
         num_layers=shape.num_layers,
@@ -104,11 +142,17 @@ def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool
         gradient_accumulation_fusion=False,
         # Loss normalisation is ours (token or sequence mean over the global batch): DP sums gradients.
         calculate_per_token_loss=True,
+        num_layers_in_first_pipeline_stage=split[0] if uneven else None,
+        num_layers_in_last_pipeline_stage=split[-1] if uneven else None,
+        sequence_parallel=options.sequence_parallel,
+        recompute_granularity=options.recompute_granularity,
+        recompute_method=options.recompute_method,
+        recompute_num_layers=options.recompute_num_layers,
     )
     theta = shape.rope_theta
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=shape.qk_layernorm, normalization="RMSNorm"),
+        transformer_layer_spec=decoder_spec(shape, config, options.attention_backend),
         vocab_size=shape.padded_vocab_size,
         max_sequence_length=shape.max_position_embeddings,
         pre_process=pre_process,
@@ -153,13 +197,13 @@ def load_hf_state_dict(path: str) -> Mapping[str, torch.Tensor]:
 
 
 def build_from_hf(hf_path: str, family, shape: ModelShape, layout, dtype: torch.dtype,
-                  device: torch.device) -> GPTModel:
+                  device: torch.device, options: BuildOptions | None = None) -> GPTModel:
     """This rank's GPTModel (its TP shard of its pipeline stage, per `layout`), its weights read from `hf_path` and
     converted by `family`. Raises ValueError when the checkpoint lacks a weight or holds one the model does not use
     (over all stages)."""
     pp = layout.pp_size
     model = build_gpt_model(shape, layout.tp_size, dtype, on_cpu=device.type == "cpu", pp=pp,
-                            pre_process=layout.pp_rank == 0, post_process=layout.pp_rank == pp - 1)
+                            pre_process=layout.pp_rank == 0, post_process=layout.pp_rank == pp - 1, options=options)
     model.to(device)
     state = family.to_megatron(load_hf_state_dict(hf_path), shape, layout.tp_rank, layout.tp_size)
     used: set[str] = set()
