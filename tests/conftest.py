@@ -73,8 +73,10 @@ def start_ranks(nproc: int, script: str | Path, *args: str, output: Path) -> sub
 
 
 def product_traceback(stderr: str) -> bool:
-    """Whether a traceback passes through this repository's code (torchrun prints its own when a rank fails)."""
-    return any(line.lstrip().startswith(f'File "{ROOT}') for line in stderr.splitlines())
+    """Whether a traceback passes through this repository's code (torchrun prints its own when a rank fails; the
+    virtual environment may lie inside the repository, as with `make setup`)."""
+    ours, venv = f'File "{ROOT}/', f'File "{ROOT}/.venv/'
+    return any(line.lstrip().startswith(ours) and not line.lstrip().startswith(venv) for line in stderr.splitlines())
 
 
 def read_metrics(log_dir: Path) -> list[dict]:
