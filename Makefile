@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 DEMO_DIR ?= runs/demo
 NPROC ?= 2
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# One style: the rules in pyproject.toml's [tool.ruff].
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs .pytest_cache

@@ -173,7 +173,8 @@ def summarize(records: list[dict], observed: dict, args) -> dict:
     for k, v in memory.items():
         print(f"  {k:<40} {v:8.2f} GiB")
     if observed.get("update_s"):
-        print(f"  weight sync (median of steps 2..) {statistics.median(observed['update_s'][1:] or observed['update_s']) * 1e3:.1f} ms vs copy floor "
+        update_s = statistics.median(observed['update_s'][1:] or observed['update_s'])
+        print(f"  weight sync (median of steps 2..) {update_s * 1e3:.1f} ms vs copy floor "
               f"{statistics.median(observed['floor_s']) * 1e3:.1f} ms for {observed['sync_bytes'] / 2**30:.2f} GiB")
     print(f"  pause/resume bit-exact: {report['resume_bit_exact']}; pause returned "
           f"{report.get('pause_returned_share')} of the trainer's memory")

@@ -53,7 +53,8 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
                    str(free_port()), str(ROOT / "benchmarks/_weight_sync_worker.py"), args.model_dir, str(tp),
-                   str(engine_tp), transport, sync_format, str(args.repeats), str(args.update_weight_buffer_size), out.name]
+                   str(engine_tp), transport, sync_format, str(args.repeats), str(args.update_weight_buffer_size),
+                   out.name]
             subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             rows.append(json.loads(Path(out.name).read_text()))

@@ -77,7 +77,7 @@ class TrainInputs:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
-    def rows(self, index: slice) -> "TrainInputs":
+    def rows(self, index: slice) -> TrainInputs:
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return TrainInputs(self.samples[index], self.batch_rows[index], self.response_mask[index],
                            self.rollout_logprobs[index],

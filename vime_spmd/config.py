@@ -21,7 +21,6 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from . import compat
 
-
 # Megatron-LM's --attention-backend values (what slime scripts pass) and the backend of ours that does that job.
 ATTENTION_BACKEND_ALIASES = {"flash": "sdpa", "fused": "sdpa", "auto": "sdpa", "unfused": "local"}
 

@@ -82,6 +82,7 @@ def format_line(r: dict) -> str:
 
     return (f"step {r['step']:>4} | reward {f('rollout/raw_reward')} | pg {f('train/pg_loss', '+.4f')} "
             f"| kl {f('train/kl_loss', '.4f')} | ent {f('train/entropy_loss')} | gnorm {f('train/grad_norm')} "
-            f"| lp diff {f('train/train_rollout_logprob_abs_diff', '.1e')} | resp len {f('rollout/response_len', '.1f')} "
+            f"| lp diff {f('train/train_rollout_logprob_abs_diff', '.1e')} "
+            f"| resp len {f('rollout/response_len', '.1f')} "
             f"| step {f('perf/step_time', '.2f')}s (rollout {f('perf/rollout_time', '.2f')}s, "
             f"train {f('perf/actor_train_time', '.2f')}s, sync {f('perf/update_weights_time', '.2f')}s)")

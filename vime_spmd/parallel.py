@@ -24,7 +24,7 @@ class Layout:
     pp_size: int = 1
 
     @classmethod
-    def of_world(cls, parallel) -> "Layout":
+    def of_world(cls, parallel) -> Layout:
         """This rank's layout in the initialised torch.distributed world, from the config's `ParallelConfig`."""
         import torch.distributed as dist
 

@@ -25,7 +25,8 @@ def npu_pins() -> dict[str, str]:
 
 
 def test_the_image_sets_the_launchers_ascend_environment_except_the_per_run_preload():
-    wanted = {v.name: v.value for v in platform_env("npu", preload_library="/x/torch_memory_saver_hook_mode_preload.so")}
+    preload = "/x/torch_memory_saver_hook_mode_preload.so"
+    wanted = {v.name: v.value for v in platform_env("npu", preload_library=preload)}
     del wanted["LD_PRELOAD"]  # set by launch/torchrun.sh for the run only; image-wide it would hook every process
     assert image_env() == {**wanted, "DEVICE": "npu"}
 

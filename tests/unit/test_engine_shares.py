@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vime_spmd.weights import EngineTensor, apply_write
 from vime_spmd.tools.make_tiny_model import build_model, parse_args
 from vime_spmd.train.megatron.families import FAMILIES
+from vime_spmd.weights import EngineTensor, apply_write
 
 VLLM_VOCAB_PADDING = 64
 

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from vime_spmd.launch_env import (HCCL_CONNECT_TIMEOUT_S, export_lines, find_preload_library, first_host,
-                                  missing_env, platform_env, slurm_rendezvous, torchrun_args)
+from vime_spmd.launch_env import (
+    HCCL_CONNECT_TIMEOUT_S,
+    export_lines,
+    find_preload_library,
+    first_host,
+    missing_env,
+    platform_env,
+    slurm_rendezvous,
+    torchrun_args,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LIB = "/site/torch_memory_saver_hook_mode_preload.abi3.so"

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from vime_spmd.device import Accelerator
-from vime_spmd.memory import (ENGINE_SLEEP_LEVEL, FREE_MEMORY_KEYS, GIB, TRAIN_TAGS, MemoryManager, OrderError,
-                              configure_saver, preallocate_optimizer_state)
+from vime_spmd.memory import (
+    ENGINE_SLEEP_LEVEL,
+    FREE_MEMORY_KEYS,
+    GIB,
+    TRAIN_TAGS,
+    MemoryManager,
+    OrderError,
+    configure_saver,
+    preallocate_optimizer_state,
+)
 
 # What each owner holds on the fake device, in GiB: the trainer's tags, its activation cache, the engine's parts.
 TRAINER = {"params": 8, "ref": 8, "grads": 16, "optimizer": 48}

@@ -122,5 +122,5 @@ def call_async(
 def is_async_reward(fn: Callable[..., Any]) -> bool:
     """True for ``async def`` functions and objects with an ``async def __call__``."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)
+        getattr(fn, "__call__", None)  # noqa: B004 (the method itself, to ask if it is async)
     )

@@ -133,7 +133,8 @@ def _qkv_to_hf(pieces: list[torch.Tensor], shape: ModelShape) -> tuple[torch.Ten
     return tuple(torch.cat([s[i] for s in split], dim=0).flatten(0, 1) for i in range(3))
 
 
-def to_megatron(hf: Mapping[str, torch.Tensor], shape: ModelShape, tp_rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+def to_megatron(hf: Mapping[str, torch.Tensor], shape: ModelShape, tp_rank: int,
+                tp_size: int) -> dict[str, torch.Tensor]:
     """This TP rank's Megatron state dict from a full HF state dict; HF tensors it does not use raise ValueError."""
     used: set[str] = set()
 

@@ -100,9 +100,11 @@ def padded_vocab_size(vocab_size: int, tp: int, make_vocab_size_divisible_by: in
 
 def build_gpt_model(shape: ModelShape, tp: int, dtype: torch.dtype, on_cpu: bool, pp: int = 1,
                     pre_process: bool = True, post_process: bool = True,
-                    options: BuildOptions = BuildOptions()) -> GPTModel:
+                    options: BuildOptions | None = None) -> GPTModel:
     """This rank's GPTModel: with `pp` stages, its share of the layers (`parallel.pipeline_split`), with the
-    embedding when `pre_process` (first stage) and the final norm and output layer when `post_process` (last)."""
+    embedding when `pre_process` (first stage) and the final norm and output layer when `post_process` (last).
+    `options`: the training flags that shape the model (default: SDPA attention, no recompute, even stages)."""
+    options = options or BuildOptions()
     shape.check_tp(tp)
     split = pipeline_split(shape.num_layers, pp, options.first_stage_layers, options.last_stage_layers)
     uneven = len(set(split)) > 1
