@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .parallel import node_identity
+
 logger = logging.getLogger(__name__)
 
 NamedTensors = list[tuple[str, torch.Tensor]]
@@ -352,7 +354,6 @@ class WeightSync:
     def __init__(self, actor, acc_kind: str, transport: str, buffer_size_bytes: int, sync_format: str = "reload",
                  engine_tensors: dict[str, EngineTensor] | None = None, engine_rank: int = 0,
                  engine_size: int = 1) -> None:
-        import socket
         import uuid
 
         import torch.distributed as dist
@@ -362,7 +363,7 @@ class WeightSync:
         if self.format == "direct" and engine_tensors is None:
             raise ValueError("the direct weight sync needs the engine's tensors (engine_tensors)")
         self.engine_tensors, self.engine_rank, self.engine_size = engine_tensors, engine_rank, engine_size
-        coords, host = actor.coords(), socket.gethostname()
+        coords, host = actor.coords(), node_identity()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (coords, host, engine_rank, engine_tensors))
         replica = [entry for entry in everyone if entry[0].dp_rank == coords.dp_rank]  # this training replica

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ def check_inputs(cfg: Config) -> None:
         raise ValueError(f"--hf-checkpoint {ckpt}: no config.json inside; is it an HF model folder?")
     if cfg.model.ref_load and not Path(cfg.model.ref_load).is_dir():
         raise ValueError(f"--ref-load {cfg.model.ref_load}: no such directory")
+    if cfg.model.ref_load:
+        checkpoint.model_checkpoint(cfg.model.ref_load, "--ref-load")
     if cfg.checkpoint.load:
         checkpoint.check_loadable(cfg.checkpoint.load)
 
@@ -90,8 +93,10 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
             record = step.run(i)
             log.write(record)
             records.append(record)
-            if c.save and (i == cfg.train.num_rollout or (c.save_interval and i % c.save_interval == 0)):
-                checkpoint.save(c.save, i, actor, dataset, layout)
+            if any(saves_due(cfg, i)):
+                # On accelerators the trainer's memory is paused after a step: it wakes (the engine sleeping) to be
+                # read, and the engine gets its weights back afterwards, as after a resume.
+                step.prime_engine(while_trainer_awake=lambda: save(cfg, i, actor, dataset, layout))
     finally:
         # Megatron's groups first, then the engine (its cleanup destroys the default group), then the rest.
         sync.close()
@@ -100,3 +105,30 @@ def train(cfg: Config, dataset: PromptDataset) -> list[dict]:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return records
+
+
+def saves_due(cfg: Config, step: int) -> tuple[bool, bool]:
+    """Whether a checkpoint (--save) and an HF folder (--save-hf) are due after `step`: every --save-interval
+    (--save-hf-interval) steps, and after the last."""
+    c = cfg.checkpoint
+
+    def due(folder: str | None, interval: int | None) -> bool:
+        return folder is not None and (step == cfg.train.num_rollout or bool(interval and step % interval == 0))
+
+    return due(c.save, c.save_interval), due(c.save_hf, c.save_hf_interval)
+
+
+def save(cfg: Config, step: int, actor, dataset: PromptDataset, layout: Layout) -> None:
+    """The checkpoint and the HF folder due after `step`; every rank calls this."""
+    c = cfg.checkpoint
+    checkpoint_due, hf_due = saves_due(cfg, step)
+    if checkpoint_due:
+        start = time.perf_counter()
+        folder = checkpoint.save(c.save, step, actor, dataset, layout, with_optimizer=c.save_optim,
+                                 keep_last=c.keep_last_n_checkpoints)
+        logger.info("checkpoint of step %d: %s (%.1f s)", step, folder, time.perf_counter() - start)
+    if hf_due:
+        start = time.perf_counter()
+        folder = checkpoint.hf_folder(c.save_hf, step)
+        checkpoint.save_hf(folder, actor.hf_weights(), cfg.model.hf_checkpoint, step, layout.rank)
+        logger.info("HF model of step %d: %s (%.1f s)", step, folder, time.perf_counter() - start)

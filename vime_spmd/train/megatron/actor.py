@@ -28,8 +28,10 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from ...algorithms import aggregate, kl_penalty, policy_loss
 from ...batch import Sample, TrainInputs, response_mask
+from ...checkpoint import model_checkpoint
 from ...config import Config
 from ...device import Accelerator
+from . import dist_checkpoint
 from .cpu_patches import apply_cpu_patches
 from .families import family_for
 from .model import build_gpt_model
@@ -120,9 +122,14 @@ class MegatronActor:
         self.export_plan = self._exchange_export_plan()
 
     def _build(self, hf_path: str) -> torch.nn.Module:
+        """The model with the weights of `hf_path`: an HF folder, or (--ref-load) a torch_dist checkpoint."""
         model = build_gpt_model(self.shape, self.tp_size, self.dtype, on_cpu=self.acc.kind == "cpu",
                                 pp=self.pp_size, pre_process=self.first_stage, post_process=self.last_stage)
         model.to(self.acc.torch_device)
+        dist_folder = model_checkpoint(hf_path, "--ref-load")
+        if dist_folder is not None:
+            dist_checkpoint.load(dist_folder, model)
+            return model
         state = self.family.to_megatron(load_hf_state_dict(hf_path), self.shape, self.tp_rank, self.tp_size)
         used: set[str] = set()
         with torch.no_grad():
@@ -307,14 +314,15 @@ class MegatronActor:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """This rank's training state: its Megatron shards and its optimizer state (plain tensors)."""
-        return {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+    def save_checkpoint(self, folder: Path, step: int, with_optimizer: bool) -> None:
+        """Every rank: write its pieces of the policy (and of its optimizer state) into `folder`, in a format that
+        any training layout can load (`dist_checkpoint`)."""
+        dist_checkpoint.save(folder, self.model.module, self.optimizer if with_optimizer else None, step)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.module.load_state_dict(state["model"], strict=True)
+    def load_checkpoint(self, folder: Path, with_optimizer: bool) -> None:
+        """Every rank: load this layout's pieces of a checkpoint written by `save_checkpoint` in any layout."""
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
-            self.optimizer.load_state_dict(state["optimizer"])
+            dist_checkpoint.load(folder, self.model.module, self.optimizer if with_optimizer else None)
 
     # ---- weight export ---------------------------------------------------------------------------------
 

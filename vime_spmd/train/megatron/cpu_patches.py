@@ -28,6 +28,8 @@ CUDA_BOUND_MODULES = {
     "megatron.core.utils": "global memory buffer and local l2-norm on 'cuda'",
     "megatron.core.pipeline_parallel.schedules": "token-count accumulator on 'cuda'",
     "megatron.core.pipeline_parallel.p2p_communication": "receive buffers on current_device(); cuda.synchronize()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "cuda.synchronize() after staging tensors to host",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the write-failure flag on current_device()",
 }
 
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand")
