@@ -71,9 +71,11 @@ def test_a_checkpoint_written_under_tp2_resumes_under_tp1_and_pp2(tiny_model, le
         assert sorted(exported) == sorted(saved)
         assert all(torch.equal(exported[name], saved[name]) for name in saved), layout
 
-    # Step 3 under PP2 (each rank its own engine) and under TP1 x DP2 (relaunching `--load X --save X`, keeping one
-    # checkpoint, without optimizer state): the engine gets the resharded weights, the data continues.
-    pp2 = train(tiny_model, letters_data, tmp_path / "pp2", 3, 1, 2, 1, "--load", str(ckpt))
+    # Step 3 under PP2 (each rank its own engine; the checkpoint is also the KL reference) and under TP1 x DP2
+    # (relaunching `--load X --save X`, keeping one checkpoint, without optimizer state): the engine gets the
+    # resharded weights, the data continues.
+    pp2 = train(tiny_model, letters_data, tmp_path / "pp2", 3, 1, 2, 1, "--load", str(ckpt), "--ref-load", str(ckpt),
+                "--use-kl-loss", "--kl-loss-coef", "0.1")
     assert pp2.returncode == 0
     tp1 = train(tiny_model, letters_data, tmp_path / "tp1", 3, 1, 1, 2, "--load", str(ckpt), "--save", str(ckpt),
                 "--keep-last-n-checkpoints", "1", "--no-save-optim")
@@ -83,6 +85,9 @@ def test_a_checkpoint_written_under_tp2_resumes_under_tp1_and_pp2(tiny_model, le
         assert after["step"] == 3
         assert after["train/train_rollout_logprob_abs_diff"] <= 1e-5
         assert after["data/position"] == written[-1]["data/position"] + 4
+    # One optimizer step per rollout: every micro-batch's loss is taken before it, with the policy still equal to
+    # the reference, so the KL term is exactly 0 (against the initial weights it would not be).
+    assert after_pp2["train/kl_loss"] == 0.0
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "latest_checkpointed_iteration.txt"]
 
 
