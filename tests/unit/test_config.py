@@ -15,7 +15,7 @@ SLIME_FLAGS = {
     "--rollout-num-gpus-per-engine", "--colocate", "--advantage-estimator", "--disable-grpo-std-normalization",
     "--eps-clip", "--eps-clip-high", "--use-kl-loss", "--kl-loss-coef", "--kl-loss-type", "--entropy-coef",
     "--calculate-per-token-loss", "--lr", "--weight-decay", "--adam-beta1", "--adam-beta2", "--clip-grad",
-    "--seed",
+    "--seed", "--load", "--save", "--save-interval", "--no-save-optim", "--save-hf",
 }
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl"]
 
@@ -52,6 +52,9 @@ def test_unknown_flag_is_refused(capsys):
     (["--pipeline-model-parallel-size", "3"], 3, "--pipeline-model-parallel-size 3: choose one of 1, 2"),
     (["--use-kl-loss"], 1, "--kl-loss-coef > 0"),
     (["--rollout-top-p", "0"], 1, "--rollout-top-p"),
+    (["--keep-last-n-checkpoints", "2"], 1, "--keep-last-n-checkpoints 2: needs --save DIR"),
+    (["--save", "c", "--keep-last-n-checkpoints", "0"], 1, "--keep-last-n-checkpoints 0: needs --save DIR and a value"),
+    (["--save-hf-interval", "5"], 1, "--save-hf-interval 5: needs --save-hf DIR"),
 ])
 def test_inconsistent_flags_are_refused_naming_the_flag(argv, world, message):
     cfg = parse_config(BASE + ["--rollout-batch-size", "8"] + argv)
