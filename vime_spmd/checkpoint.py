@@ -96,7 +96,10 @@ def latest_step(root: str) -> int | None:
     marker = Path(root) / LATEST
     if not marker.is_file():
         return None
-    return int(marker.read_text().strip())
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker} holds {text!r}, not a step number; fix or remove it")
+    return int(text)
 
 
 def check_loadable(root: str) -> int | None:
