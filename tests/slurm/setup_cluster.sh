@@ -72,6 +72,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
+# scancel: SIGTERM, then SIGKILL this much later; time for a preempted run to save at its next step boundary.
+KillWait=120
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=${CPUS:-$(nproc)} State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
