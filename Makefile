@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 DEMO_DIR ?= runs/demo
 NPROC ?= 2
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-slow lint clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,12 @@ demo: setup
 	$(PY) -m vime_spmd.tools.summarize $(DEMO_DIR)/run/metrics.jsonl
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Tests that take minutes or need a system service: a one-node Slurm cluster (root, slurm-wlm and munge; skipped,
+# saying why, without them).
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
 
 # One style: the rules in pyproject.toml's [tool.ruff].
 lint: setup

@@ -32,7 +32,8 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     hf_checkpoint: str = opt(None, "HF model directory: architecture, tokenizer and initial weights", required=True)
-    ref_load: str | None = opt(None, "HF directory of the reference model for KL (default: the initial weights)")
+    ref_load: str | None = opt(None, "the reference model for KL: an HF folder, or a torch_dist checkpoint (a --save "
+                                     "folder or one of its iter_* folders); default: the initial weights")
 
 
 @dataclass
@@ -170,7 +171,17 @@ class CheckpointConfig:
     save: str | None = opt(None, "folder for checkpoints (policy shards, optimizer, data position), written atomically")
     save_interval: int | None = opt(None, "save every this many steps (and after the last); default: only after "
                                           "the last")
-    load: str | None = opt(None, "resume from the latest checkpoint in this folder (same ranks and parallel sizes)")
+    load: str | None = opt(None, "resume from the latest checkpoint in this folder, in any training layout; with no "
+                                 "checkpoint inside, start from --hf-checkpoint (so --load X --save X also serves the "
+                                 "first launch)")
+    save_optim: bool = opt(True, "save the optimizer state with each checkpoint (--no-save-optim: weights only; a "
+                                 "resumed run then starts its optimizer afresh)")
+    keep_last_n_checkpoints: int | None = opt(None, "after each save, delete all but the newest N checkpoints in "
+                                                    "--save")
+    save_hf: str | None = opt(None, "also write the policy as an HF model folder: DIR/iter_XXXXXXX, or DIR with "
+                                    "{rollout_id} filled in")
+    save_hf_interval: int | None = opt(None, "write --save-hf every this many steps (and after the last); default: "
+                                             "only after the last")
 
 
 @dataclass
@@ -356,6 +367,10 @@ def validate(cfg: Config, world_size: int) -> None:
     c = cfg.checkpoint
     if c.save_interval is not None and (c.save_interval < 1 or c.save is None):
         raise ValueError(f"--save-interval {c.save_interval}: needs --save DIR and a value >= 1")
+    if c.keep_last_n_checkpoints is not None and (c.keep_last_n_checkpoints < 1 or c.save is None):
+        raise ValueError(f"--keep-last-n-checkpoints {c.keep_last_n_checkpoints}: needs --save DIR and a value >= 1")
+    if c.save_hf_interval is not None and (c.save_hf_interval < 1 or c.save_hf is None):
+        raise ValueError(f"--save-hf-interval {c.save_hf_interval}: needs --save-hf DIR and a value >= 1")
     a = cfg.algorithm
     if a.eps_clip_c is not None and a.eps_clip_c <= 1:
         raise ValueError(f"--eps-clip-c {a.eps_clip_c}: the dual-clip bound must be > 1 (3.0 is usual)")

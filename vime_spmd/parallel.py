@@ -12,7 +12,16 @@ agree with it, and the weight sync exchanges it between ranks to find each rank'
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+
+
+def node_identity() -> str:
+    """The node this process runs on, as the launcher sees it: the host name and torchrun's node rank (GROUP_RANK).
+    Ranks of one node may share memory; two torchrun invocations on one machine (`--nnodes 2` on loopback) are two
+    nodes here, as they would be on two machines."""
+    return f"{socket.gethostname()}:{os.environ.get('GROUP_RANK', '0')}"
 
 
 @dataclass(frozen=True)

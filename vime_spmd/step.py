@@ -11,6 +11,7 @@ advantages, and trains on its data-parallel share.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +73,14 @@ class RLStep:
         self.memory.reset_readings()
         return record
 
-    def prime_engine(self) -> None:
+    def prime_engine(self, while_trainer_awake: Callable[[], None] | None = None) -> None:
         """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint, or
-        when the engine started with dummy weights), through the same transitions a step uses."""
+        when the engine started with dummy weights), through the same transitions a step uses; with
+        `while_trainer_awake` (a checkpoint save), call it while the trainer's memory is resumed."""
         self.memory.engine_sleep()
         self.memory.train_wake()
+        if while_trainer_awake is not None:
+            while_trainer_awake()
         self.memory.train_sleep()
         self.memory.engine_wake_weights()
         self.sync.update(self.memory)

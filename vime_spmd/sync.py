@@ -21,7 +21,6 @@ Two formats (`--weight-sync-format`):
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .parallel import node_identity
 from .shm import ShmExchange
 from .weights import EngineTensor, NamedTensors, ParamEntry, WeightSource, Write
 
@@ -199,7 +199,7 @@ class WeightSync:
             raise ValueError("the direct weight sync needs the engine's tensors (engine_tensors)")
         self.source, self.plan, self.engine_tensors = source, plan, engine_tensors
         layout, acc = source.layout, source.acc
-        host = socket.gethostname()
+        host = node_identity()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (layout, host, engine_tensors))
         replica = [entry for entry in everyone if entry[0].dp_rank == layout.dp_rank]  # this training replica

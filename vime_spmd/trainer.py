@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -33,11 +34,11 @@ def prepare(cfg: Config) -> tuple[PromptDataset, list[EvalSet]]:
     checks.check_ranges(cfg)
     checks.check_model_dir(cfg.model.hf_checkpoint, "--hf-checkpoint", tokenizer=True)
     if cfg.model.ref_load:
-        checks.check_model_dir(cfg.model.ref_load, "--ref-load", tokenizer=False)
+        if checkpoint.model_checkpoint(cfg.model.ref_load, "--ref-load") is None:  # else a torch_dist checkpoint
+            checks.check_model_dir(cfg.model.ref_load, "--ref-load", tokenizer=False)
     p = cfg.parallel
     if cfg.checkpoint.load:
-        checkpoint.check_loadable(cfg.checkpoint.load, checkpoint.layout_values(
-            world_size, p.tensor_model_parallel_size, p.pipeline_model_parallel_size))
+        checkpoint.check_loadable(cfg.checkpoint.load)
     checks.check_reward(cfg)
     if cfg.checkpoint.save:
         checks.check_output_dir(cfg.checkpoint.save, "--save")
@@ -85,7 +86,7 @@ def train(cfg: Config, dataset: PromptDataset, eval_sets: list[EvalSet] = ()) ->
         if evaluator and start_step == 0:
             watchdog.enter_phase("evaluation", 0)
             log.eval(*evaluator.run(0))
-        records = run_steps(cfg, step, actor, dataset, layout, log, evaluator, start_step, stop, watchdog,
+        records = run_steps(cfg, step, parts, dataset, layout, log, evaluator, start_step, stop, watchdog,
                             acc.torch_device)
     finally:
         watchdog.enter_phase("closing")
@@ -109,12 +110,12 @@ def start_guards(cfg: Config, layout: Layout) -> tuple[StopRequests, Watchdog]:
     return stop, watchdog
 
 
-def run_steps(cfg: Config, step: RLStep, actor, dataset: PromptDataset, layout: Layout, log: RunLog,
+def run_steps(cfg: Config, step: RLStep, parts, dataset: PromptDataset, layout: Layout, log: RunLog,
               evaluator: Evaluator | None, start_step: int, stop: StopRequests, watchdog: Watchdog,
               device: torch.device) -> list[dict]:
-    """The steps after `start_step`, with evaluations when due, saves every `--save-interval`, after the last step,
-    and after the step during which a stop signal came (ranks agree on it before each step, so they all stop after
-    the same one)."""
+    """The steps after `start_step`, with evaluations when due, saves every `--save-interval` (`--save-hf-interval`),
+    after the last step, and after the step during which a stop signal came (ranks agree on it before each step, so
+    they all stop after the same one)."""
     c, num_steps = cfg.checkpoint, cfg.train.num_rollout
     records, last_saved, stopped = [], start_step, False
     for i in range(start_step + 1, num_steps + 1):
@@ -128,15 +129,16 @@ def run_steps(cfg: Config, step: RLStep, actor, dataset: PromptDataset, layout: 
         if evaluator and evaluator.due(i):
             watchdog.enter_phase("evaluation", i)
             log.eval(*evaluator.run(i))
-        if c.save and (i == num_steps or (c.save_interval and i % c.save_interval == 0)):
+        checkpoint_due, hf_due = saves_due(cfg, i)
+        if checkpoint_due or hf_due:
             watchdog.enter_phase("checkpoint save")
-            checkpoint.save(c.save, i, actor, dataset, layout)
-            last_saved = i
+            save(cfg, step, parts, dataset, layout, i, checkpoint_due, hf_due)
+            last_saved = i if checkpoint_due else last_saved
     if stopped:
         done = records[-1]["step"] if records else start_step
         if c.save and done != last_saved:
             watchdog.enter_phase("checkpoint save")
-            checkpoint.save(c.save, done, actor, dataset, layout)
+            save(cfg, step, parts, dataset, layout, done, checkpoint_due=True, hf_due=False)
             last_saved = done
         if layout.rank == 0:
             if not records:
@@ -148,3 +150,36 @@ def run_steps(cfg: Config, step: RLStep, actor, dataset: PromptDataset, layout: 
                 saved = "nothing saved (no --save)"
             logger.warning("stopped on a stop signal after step %d of %d: %s", done, num_steps, saved)
     return records
+
+
+def saves_due(cfg: Config, step: int) -> tuple[bool, bool]:
+    """Whether a checkpoint (--save) and an HF folder (--save-hf) are due after `step`: every --save-interval
+    (--save-hf-interval) steps, and after the last."""
+    c = cfg.checkpoint
+
+    def due(folder: str | None, interval: int | None) -> bool:
+        return folder is not None and (step == cfg.train.num_rollout or bool(interval and step % interval == 0))
+
+    return due(c.save, c.save_interval), due(c.save_hf, c.save_hf_interval)
+
+
+def save(cfg: Config, rl_step: RLStep, parts, dataset: PromptDataset, layout: Layout, step: int,
+         checkpoint_due: bool, hf_due: bool) -> None:
+    """The checkpoint and the HF folder of `step`; every rank calls this. On accelerators the trainer's memory is
+    paused after a step: it wakes (the engine sleeping) to be read, and the engine gets its weights back afterwards,
+    as after a resume."""
+    c = cfg.checkpoint
+
+    def write() -> None:
+        if checkpoint_due:
+            start = time.perf_counter()
+            folder = checkpoint.save(c.save, step, parts.actor, dataset, layout, with_optimizer=c.save_optim,
+                                     keep_last=c.keep_last_n_checkpoints)
+            logger.info("checkpoint of step %d: %s (%.1f s)", step, folder, time.perf_counter() - start)
+        if hf_due:
+            start = time.perf_counter()
+            folder = checkpoint.hf_folder(c.save_hf, step)
+            checkpoint.save_hf(folder, parts.export.hf_weights(), cfg.model.hf_checkpoint, step, layout.rank)
+            logger.info("HF model of step %d: %s (%.1f s)", step, folder, time.perf_counter() - start)
+
+    rl_step.prime_engine(while_trainer_awake=write)

@@ -1,10 +1,12 @@
 """Save and resume: the resumed run continues from the checkpoint's weights, optimizer (here the distributed one,
-its state sharded over the 2 data-parallel ranks), learning-rate schedule and data position."""
+its state sharded over the data-parallel ranks), learning-rate schedule and data position, in the layout that wrote
+it or in another one."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import ROOT, read_metrics, run_ranks
 
@@ -42,21 +44,65 @@ def test_resume_continues_where_the_checkpoint_stopped(tiny_model, letters_data,
     # The schedule resumed at its step: a restarted one would give step 3 the warmup's 0.
     assert [r["train/lr"] for r in before + [after]] == pytest.approx(EXPECTED_LR, rel=1e-12)
 
-    # The checkpoint exports as an HF model that transformers loads, holding exactly the trained weights: its
-    # parameter norm is the trainer's `train/param_norm` after step 2.
-    exported = tmp_path / "exported"
-    proc = run_ranks(2, "-m", "vime_spmd.tools.export_hf", "--out", str(exported), "--hf-checkpoint",
-                     str(tiny_model), "--load", str(ckpt), "--use-distributed-optimizer")
-    assert proc.returncode == 0
+
+def train(model, data, log_dir, num_rollout: int, tp: int, pp: int, engine: int, *flags: str):
+    return run_ranks(2, ROOT / "run.py", "--hf-checkpoint", str(model), "--prompt-data", str(data),
+                     "--num-rollout", str(num_rollout), "--tensor-model-parallel-size", str(tp),
+                     "--pipeline-model-parallel-size", str(pp), "--rollout-num-gpus-per-engine", str(engine),
+                     "--log-dir", str(log_dir), *flags, *COMMON)
+
+
+def test_a_checkpoint_written_under_tp2_resumes_under_tp1_and_pp2(tiny_model, letters_data, tmp_path):
+    ckpt, hf = tmp_path / "ckpt", tmp_path / "hf"
+    # First launch of `--load X --save X`: nothing to load yet, so the run starts from --hf-checkpoint.
+    first = train(tiny_model, letters_data, tmp_path / "tp2", 2, 2, 1, 2, "--load", str(ckpt), "--save", str(ckpt),
+                  "--save-hf", str(hf))
+    assert first.returncode == 0
+    assert "no checkpoint inside; starting from --hf-checkpoint" in first.stderr
+    saved = load_file(hf / "iter_0000002" / "model.safetensors")  # the TP2 trainer's weights after step 2
+    written = read_metrics(tmp_path / "tp2")
+    assert [r["step"] for r in written] == [1, 2]
+    # --save-hf wrote an HF model that transformers loads, holding exactly the trained weights: its parameter norm
+    # is the trainer's `train/param_norm` after step 2.
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(hf / "iter_0000002", dtype=torch.float32)
     norm = torch.sqrt(sum(p.double().pow(2).sum() for p in model.parameters())).item()
-    assert norm == pytest.approx(before[-1]["train/param_norm"], rel=1e-9)
+    assert norm == pytest.approx(written[-1]["train/param_norm"], rel=1e-9)
+
+    # The same checkpoint, resharded: each layout holds exactly the saved parameters.
+    for ranks, layout in ((1, []), (2, ["--pipeline-model-parallel-size", "2"])):
+        out = tmp_path / f"export_{ranks}"
+        proc = run_ranks(ranks, "-m", "vime_spmd.tools.export_hf", "--out", str(out), "--hf-checkpoint",
+                         str(tiny_model), "--load", str(ckpt), *layout)
+        assert proc.returncode == 0
+        exported = load_file(out / "model.safetensors")
+        assert sorted(exported) == sorted(saved)
+        assert all(torch.equal(exported[name], saved[name]) for name in saved), layout
+
+    # Step 3 under PP2 (each rank its own engine; the checkpoint is also the KL reference) and under TP1 x DP2
+    # (relaunching `--load X --save X`, keeping one checkpoint, without optimizer state): the engine gets the
+    # resharded weights, the data continues.
+    pp2 = train(tiny_model, letters_data, tmp_path / "pp2", 3, 1, 2, 1, "--load", str(ckpt), "--ref-load", str(ckpt),
+                "--use-kl-loss", "--kl-loss-coef", "0.1")
+    assert pp2.returncode == 0
+    tp1 = train(tiny_model, letters_data, tmp_path / "tp1", 3, 1, 1, 2, "--load", str(ckpt), "--save", str(ckpt),
+                "--keep-last-n-checkpoints", "1", "--no-save-optim")
+    assert tp1.returncode == 0
+    (after_pp2,), (after_tp1,) = read_metrics(tmp_path / "pp2"), read_metrics(tmp_path / "tp1")
+    for after in (after_pp2, after_tp1):
+        assert after["step"] == 3
+        assert after["train/train_rollout_logprob_abs_diff"] <= 1e-5
+        assert after["data/position"] == written[-1]["data/position"] + 4
+    # One optimizer step per rollout: every micro-batch's loss is taken before it, with the policy still equal to
+    # the reference, so the KL term is exactly 0 (against the initial weights it would not be).
+    assert after_pp2["train/kl_loss"] == 0.0
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "latest_checkpointed_iteration.txt"]
 
 
-def test_resuming_from_an_empty_folder_is_refused_before_any_work(tiny_model, letters_data, tmp_path):
+def test_a_load_folder_that_is_not_a_checkpoint_is_refused_before_any_work(tiny_model, letters_data, tmp_path):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
     proc = run_ranks(0, ROOT / "run.py", "--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data),
                      "--load", str(tmp_path), timeout_s=120)
     assert proc.returncode == 2
-    assert f"--load {tmp_path}: no latest_checkpointed_iteration.txt" in proc.stderr
+    assert f"--load {tmp_path}: latest_checkpointed_iteration.txt names step 4 but" in proc.stderr

@@ -22,6 +22,7 @@ SLIME_FLAGS = {
     "--eval-prompt-data", "--eval-interval", "--n-samples-per-eval-prompt", "--eval-max-response-len",
     "--eval-temperature", "--eval-top-p", "--rollout-stop", "--rollout-stop-token-ids", "--rollout-top-k",
     "--rollout-seed", "--use-wandb", "--wandb-project", "--wandb-group", "--log-samples-interval",
+    "--load", "--save", "--save-interval", "--no-save-optim", "--save-hf",
 }
 BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl"]
 
@@ -112,6 +113,9 @@ def test_values_out_of_range_are_refused_naming_the_flag(argv, message):
     (["--micro-batch-size", "32"], 2, "use a multiple of 64"),
     (["--pipeline-model-parallel-size", "0"], 1, "--pipeline-model-parallel-size 0: must be at least 1"),
     (["--rollout-top-p", "0"], 1, "--rollout-top-p"),
+    (["--keep-last-n-checkpoints", "2"], 1, "--keep-last-n-checkpoints 2: needs --save DIR"),
+    (["--save", "c", "--keep-last-n-checkpoints", "0"], 1, "--keep-last-n-checkpoints 0: needs --save DIR and a value"),
+    (["--save-hf-interval", "5"], 1, "--save-hf-interval 5: needs --save-hf DIR"),
 ])
 def test_inconsistent_flags_are_refused_naming_the_flag(argv, world, message):
     cfg = parse_config(BASE + ["--rollout-batch-size", "8"] + argv)

@@ -56,7 +56,8 @@ class RolloutEngine:
         vLLM's checkpoint-loading progress."""
         from vllm import LLM
 
-        from .vllm_patches import plain_cpu_linear_weights
+        from ..parallel import node_identity
+        from .vllm_patches import per_job_cpu_shm_names, plain_cpu_linear_weights
 
         r = rollout
         kwargs = dict(
@@ -75,6 +76,7 @@ class RolloutEngine:
             kwargs["data_parallel_size"] = layout.num_engines
         if acc.kind == "cpu":
             kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=r.vllm_kv_cache_bytes)
+            per_job_cpu_shm_names(node_identity())
         else:
             kwargs.update(dtype="bfloat16", gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                           enable_sleep_mode=r.vllm_enable_sleep_mode)

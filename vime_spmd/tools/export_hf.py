@@ -3,17 +3,15 @@
     torchrun --nproc_per_node 2 -m vime_spmd.tools.export_hf --out runs/exported \\
         --hf-checkpoint BASE_MODEL --load runs/ckpt --tensor-model-parallel-size 2
 
-Run it with the ranks and parallel sizes the checkpoint was written with (every rank loads its own shards).
-The folder is written as `OUT.tmp` and renamed when complete.
+Any ranks and parallel sizes will do: the checkpoint is resharded to them. The folder is written as `OUT.tmp` and
+renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,9 +19,6 @@ from .. import checkpoint, failures
 from ..config import parse_config, validate
 from ..device import init_distributed, select_accelerator
 from ..parallel import Layout
-
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 class _NoData:
@@ -39,10 +34,10 @@ def export(out: str, run_flags: list[str]) -> None:
         raise ValueError("export_hf needs --load CHECKPOINT_DIR")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world_size)
-    checkpoint.check_loadable(cfg.checkpoint.load)
+    if checkpoint.check_loadable(cfg.checkpoint.load) is None:
+        raise ValueError(f"--load {cfg.checkpoint.load}: no checkpoint inside to export")
     acc = select_accelerator(cfg.parallel.device)
     init_distributed(acc)
-    from safetensors.torch import save_file
     from transformers import AutoConfig
 
     from ..train.megatron import load_actor
@@ -52,21 +47,10 @@ def export(out: str, run_flags: list[str]) -> None:
 
     layout = Layout.of_world(cfg.parallel)
     actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
-    export = MegatronExport.of(actor)
-    step = checkpoint.load(cfg.checkpoint.load, actor, _NoData(), layout)
-    weights = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in export.hf_weights()}
+    step = checkpoint.load(cfg.checkpoint.load, actor, _NoData(), layout, with_optimizer=False)
+    checkpoint.save_hf(out, MegatronExport.of(actor).hf_weights(), cfg.model.hf_checkpoint, step, layout.rank)
     if layout.rank == 0:
-        final = Path(out)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in COPIED:
-            if (Path(cfg.model.hf_checkpoint) / name).is_file():
-                shutil.copy(Path(cfg.model.hf_checkpoint) / name, tmp / name)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "vime_step": str(step)})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        print(f"step {step} of {cfg.checkpoint.load} exported to {final}", flush=True)
+        print(f"step {step} of {cfg.checkpoint.load} exported to {out}", flush=True)
     actor.close()
     torch.distributed.destroy_process_group()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -26,13 +27,13 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from ...algorithms import ACTOR_LOSS_METRICS, actor_loss
 from ...batch import Sample, TrainInputs, response_mask
+from ...checkpoint import model_checkpoint
 from ...config import Config
 from ...device import Accelerator
 from ...parallel import Layout
-from . import apply_platform_patches
+from . import apply_platform_patches, dist_checkpoint
 from .families import family_for
-from .model import BuildOptions, build_from_hf, own_params
-from .optimizer_state import load_sharded_state, sharded_state
+from .model import BuildOptions, build_from_hf, build_gpt_model, own_params
 from .schedule import build_scheduler
 from .vocab_parallel import logprobs_and_entropy
 
@@ -93,10 +94,19 @@ class MegatronActor:
             self.ref_model.requires_grad_(False)
 
     def _build(self, hf_path: str) -> torch.nn.Module:
+        """The model with the weights of `hf_path`: an HF folder, or (--ref-load) a torch_dist checkpoint."""
         t, p = self.cfg.train, self.cfg.parallel
         options = BuildOptions(t.attention_backend, t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
                                p.sequence_parallel, p.decoder_first_pipeline_num_layers,
                                p.decoder_last_pipeline_num_layers)
+        dist_folder = model_checkpoint(hf_path, "--ref-load")
+        if dist_folder is not None:
+            model = build_gpt_model(self.shape, self.layout.tp_size, self.dtype, on_cpu=self.acc.kind == "cpu",
+                                    pp=self.layout.pp_size, pre_process=self.layout.pp_rank == 0,
+                                    post_process=self.layout.pp_rank == self.layout.pp_size - 1, options=options)
+            model.to(self.acc.torch_device)
+            dist_checkpoint.load(dist_folder, model)
+            return model
         return build_from_hf(hf_path, self.family, self.shape, self.layout, self.dtype, self.acc.torch_device,
                              options)
 
@@ -251,26 +261,30 @@ class MegatronActor:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """This rank's training state: its Megatron shards, its optimizer state (plain tensors) and the learning-rate
-        schedule's position; with a distributed optimizer, this rank's shard of its state (optimizer_state.py)."""
-        state = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
-        if self.cfg.optimizer.use_distributed_optimizer:
-            state["optimizer_shards"] = sharded_state(self.optimizer)
-        return state
+    @property
+    def distributed_optimizer(self) -> bool:
+        """Whether the optimizer state is sharded over data parallel (its checkpoint keys differ)."""
+        return self.cfg.optimizer.use_distributed_optimizer
 
-    def load_state_dict(self, state: dict) -> None:
-        if ("optimizer_shards" in state) != self.cfg.optimizer.use_distributed_optimizer:
-            flag = "with" if "optimizer_shards" in state else "without"
-            raise ValueError(f"--load: the checkpoint was written {flag} --use-distributed-optimizer; load it {flag} "
-                             f"that flag")
-        self.model.module.load_state_dict(state["model"], strict=True)
+    def checkpoint_bytes(self, with_optimizer: bool) -> int:
+        """About what this rank adds to a checkpoint: its share of the weights (data-parallel replicas are written
+        once) and, with the optimizer, Adam's two fp32 moments (and fp32 main weights for a bf16 model)."""
+        elements = sum(p.numel() for _, p, _ in own_params(self.model.module, self.shape, self.layout.tp_size))
+        weight_bytes = elements * (2 if self.dtype == torch.bfloat16 else 4)
+        optimizer_bytes = elements * 4 * (3 if self.dtype == torch.bfloat16 else 2) if with_optimizer else 0
+        return (weight_bytes + optimizer_bytes) // self.layout.dp_size
+
+    def save_checkpoint(self, folder: Path, step: int, with_optimizer: bool) -> None:
+        """Every rank: write its pieces of the policy (and of its optimizer state and the learning-rate schedule's
+        position) into `folder`, in a format that any training layout can load (`dist_checkpoint`)."""
+        dist_checkpoint.save(folder, self.model.module, self.optimizer if with_optimizer else None, self.scheduler,
+                             step)
+
+    def load_checkpoint(self, folder: Path, with_optimizer: bool) -> None:
+        """Every rank: load this layout's pieces of a checkpoint written by `save_checkpoint` in any layout."""
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
-            self.optimizer.load_state_dict(state["optimizer"])
-            if "optimizer_shards" in state:
-                load_sharded_state(self.optimizer, state["optimizer_shards"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            dist_checkpoint.load(folder, self.model.module, self.optimizer if with_optimizer else None,
+                                 self.scheduler if with_optimizer else None)
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()

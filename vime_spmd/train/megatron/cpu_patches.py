@@ -31,6 +31,8 @@ CUDA_BOUND_MODULES = {
     "megatron.core.optimizer.distrib_optimizer": "placeholder state shards on current_device() when loading",
     "megatron.core.tensor_parallel.mappings": "sequence-parallel gather/scatter outputs on current_device()",
     "megatron.core.tensor_parallel.layers": "sequence-parallel all-gather buffers on current_device()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "cuda.synchronize() after staging tensors to host",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "the write-failure flag on current_device()",
 }
 
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand")
