@@ -1,6 +1,5 @@
-"""Save and resume: the resumed run continues from the checkpoint's weights, optimizer (here the distributed one,
-its state sharded over the data-parallel ranks), learning-rate schedule and data position, in the layout that wrote
-it or in another one."""
+"""Save and resume: the resumed run continues from the checkpoint's weights, optimizer, learning-rate schedule and
+data position, in the layout that wrote it or in another one."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from tests.conftest import ROOT, read_metrics, run_ranks
 pytestmark = pytest.mark.integration
 
 COMMON = ["--apply-chat-template", "--rm-type", "letter", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
-          "--rollout-max-response-len", "12", "--micro-batch-size", "4", "--lr", "1e-2", "--seed", "5",
-          "--use-distributed-optimizer"]
+          "--rollout-max-response-len", "12", "--micro-batch-size", "4", "--lr", "1e-2", "--seed", "5"]
 # Cosine from 1e-2 to 1e-3 over 3 optimizer steps after 1 of warmup (n: steps already taken; schedule.py):
 # n = 0: 0 (warmup from 0), n = 1: 1e-2, n = 2: r = (2 - 1) / (3 - 1) = 0.5, 1e-3 + (cos(pi / 2) + 1) / 2 * 9e-3.
 SCHEDULE = ["--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--lr-decay-iters", "3", "--min-lr", "1e-3"]

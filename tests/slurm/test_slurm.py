@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,3 +60,31 @@ def test_sbatch_runs_grpo_steps_to_completion(slurm_conf, tiny_model, letters_da
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["train/train_rollout_logprob_abs_diff"] <= 1e-5 for r in records)
+
+
+def test_scancel_stops_after_the_running_step_and_leaves_its_checkpoint(slurm_conf, tiny_model, letters_data,
+                                                                        tmp_path):
+    """Preemption as Slurm delivers it: `scancel` sends SIGTERM to every process of the job; the ranks finish the
+    step they are in, save it, and the job ends well within KillWait (120 s in the test cluster)."""
+    env = {**os.environ, "SLURM_CONF": slurm_conf, "DEVICE": "cpu", "NPROC_PER_NODE": "2", "PYTHON": sys.executable}
+    ckpt, run_dir = tmp_path / "ckpt", tmp_path / "run"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes", "1", "--chdir", str(tmp_path), "launch/slurm.sbatch",
+         "--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data), "--apply-chat-template",
+         "--rm-type", "letter", "--rollout-batch-size", "4", "--n-samples-per-prompt", "4",
+         "--rollout-max-response-len", "12", "--micro-batch-size", "4", "--num-rollout", "1000", "--save", str(ckpt),
+         "--log-dir", str(run_dir)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    deadline = time.time() + 600
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(2)
+    assert (run_dir / "metrics.jsonl").is_file(), (tmp_path / f"vime-spmd-{job_id}.out").read_text()[-6000:]
+    subprocess.run(["scancel", "--signal", "TERM", "--full", job_id], env=env, check=True)
+    while subprocess.run(["squeue", "--noheader", "-j", job_id], env=env, capture_output=True,
+                         text=True).stdout.strip() and time.time() < deadline:
+        time.sleep(2)
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    log = (tmp_path / f"vime-spmd-{job_id}.out").read_text()
+    assert steps and steps[-1] < 1000, log[-6000:]
+    assert int((ckpt / "latest_checkpointed_iteration.txt").read_text()) == steps[-1], log[-6000:]
+    assert "stopped on a stop signal after step" in log
