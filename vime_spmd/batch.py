@@ -77,8 +77,15 @@ class TrainInputs:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
-    def rows(self, index: slice) -> TrainInputs:
+    def rows(self, index: slice | list[int]) -> TrainInputs:
+        """The rows `index` (a slice, or a list of row numbers in the order wanted)."""
+        if isinstance(index, list):
+            rows = index
+            index = torch.tensor(rows, dtype=torch.long)
+            samples, batch_rows = [self.samples[i] for i in rows], [self.batch_rows[i] for i in rows]
+        else:
+            samples, batch_rows = self.samples[index], self.batch_rows[index]
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return TrainInputs(self.samples[index], self.batch_rows[index], self.response_mask[index],
+        return TrainInputs(samples, batch_rows, self.response_mask[index],
                            self.rollout_logprobs[index],
                            pick(self.advantages), pick(self.old_logprobs), pick(self.ref_logprobs))

@@ -148,7 +148,15 @@ class DataConfig:
 class TrainConfig:
     num_rollout: int = opt(10, "RL steps to run")
     global_batch_size: int | None = opt(None, "samples per optimizer step (default: the whole rollout)")
-    micro_batch_size: int = opt(4, "samples per forward/backward pass on one rank")
+    micro_batch_size: int = opt(4, "samples per forward/backward pass on one rank (without "
+                                   "--use-dynamic-batch-size)")
+    use_dynamic_batch_size: bool = opt(False, "group each rank's samples into micro-batches by a token budget "
+                                              "(--max-tokens-per-gpu) instead of --micro-batch-size samples")
+    max_tokens_per_gpu: int | None = opt(None, "with --use-dynamic-batch-size: tokens per training micro-batch, "
+                                               "padding included (padded length x samples); a longer sample is "
+                                               "trained alone")
+    log_probs_max_tokens_per_gpu: int | None = opt(None, "with --use-dynamic-batch-size: tokens per micro-batch of "
+                                                         "the logprob passes (default: --max-tokens-per-gpu)")
     seed: int = opt(1234, "seed of sampling, data order and initialisation")
     attention_backend: str = opt("sdpa", "core attention: sdpa (causal scaled_dot_product_attention, no [s, s] mask "
                                          "or scores kept) or local (Megatron's unfused attention); Megatron-LM's "
@@ -357,7 +365,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if total % gbs:
         raise ValueError(f"--global-batch-size {gbs} does not divide the {total} samples of a rollout "
                          f"(--rollout-batch-size x --n-samples-per-prompt); use a divisor of {total}")
-    if gbs % (dp * t.micro_batch_size):
+    if t.use_dynamic_batch_size and gbs % dp:
+        raise ValueError(f"--global-batch-size {gbs} is not divisible by data-parallel size {dp}; use a multiple of "
+                         f"{dp}")
+    if not t.use_dynamic_batch_size and gbs % (dp * t.micro_batch_size):
         raise ValueError(f"--global-batch-size {gbs} is not divisible by data-parallel size {dp} x "
                          f"--micro-batch-size {t.micro_batch_size}; use a multiple of {dp * t.micro_batch_size}")
     if not 0 < r.rollout_top_p <= 1:
@@ -499,9 +510,26 @@ def validate_training_options(cfg: Config) -> None:
                          f"(given: {t.recompute_granularity}); use full granularity or drop them")
     if t.recompute_num_layers is not None and t.recompute_num_layers < 1:
         raise ValueError(f"--recompute-num-layers {t.recompute_num_layers}: must be at least 1")
+    _validate_dynamic_batch(t)
     if p.sequence_parallel and p.tensor_model_parallel_size < 2:
         raise ValueError("--sequence-parallel splits activations over tensor-parallel ranks: it needs "
                          "--tensor-model-parallel-size > 1; raise it or drop the flag")
+
+
+def _validate_dynamic_batch(t: TrainConfig) -> None:
+    budgets = {"--max-tokens-per-gpu": t.max_tokens_per_gpu,
+               "--log-probs-max-tokens-per-gpu": t.log_probs_max_tokens_per_gpu}
+    if t.use_dynamic_batch_size and t.max_tokens_per_gpu is None:
+        raise ValueError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (tokens per micro-batch, padding "
+                         "included); add it")
+    for flag, value in budgets.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+        if value is not None and not t.use_dynamic_batch_size:
+            raise ValueError(f"{flag} applies with --use-dynamic-batch-size only (micro-batches are otherwise "
+                             f"--micro-batch-size samples); add --use-dynamic-batch-size or drop {flag}")
+    if t.use_dynamic_batch_size and t.log_probs_max_tokens_per_gpu is None:
+        t.log_probs_max_tokens_per_gpu = t.max_tokens_per_gpu
 
 
 def dump(cfg: Config, path: Path) -> None:

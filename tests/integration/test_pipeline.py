@@ -21,9 +21,15 @@ pytestmark = pytest.mark.integration
 SCRIPT = ROOT / "tests/integration/scripts/check_pipeline.py"
 MODELS = {"tied": ("--num-layers", "4", "--tie-word-embeddings", "--seed", "1"),  # qwen3: q/k norms
           "untied": ("--family", "llama", "--num-layers", "4", "--seed", "2")}
-RUNS = {  # world size -> case -> (model, TP, PP); the rest of the world is data parallel
+# Token budgets for the synthetic samples (lengths 5, 13, 14, 6 | 14, 15, 7, 8; check_pipeline.synthetic_samples):
+# with DP 2 at 28 tokens the ranks train in 2 and 3 micro-batches; one pipeline at 14 tokens runs 7, the 15-token
+# sample alone over the budget. Logprob passes take their own budget.
+DYNAMIC_DP2 = ("--use-dynamic-batch-size", "--max-tokens-per-gpu", "28", "--log-probs-max-tokens-per-gpu", "64")
+DYNAMIC_PP2 = ("--use-dynamic-batch-size", "--max-tokens-per-gpu", "14")
+RUNS = {  # world size -> case -> (model, TP, PP[, flags]); the rest of the world is data parallel
     2: {"tied-tp1-pp1": ("tied", 1, 1), "tied-tp1-pp2": ("tied", 1, 2),
-        "untied-tp1-pp1": ("untied", 1, 1), "untied-tp1-pp2": ("untied", 1, 2)},
+        "untied-tp1-pp1": ("untied", 1, 1), "untied-tp1-pp2": ("untied", 1, 2),
+        "tied-tp1-pp1-dynamic": ("tied", 1, 1, DYNAMIC_DP2), "tied-tp1-pp2-dynamic": ("tied", 1, 2, DYNAMIC_PP2)},
     4: {"tied-tp2-pp1": ("tied", 2, 1), "tied-tp2-pp2": ("tied", 2, 2), "tied-tp1-pp2-dp2": ("tied", 1, 2)},
     3: {"tied-tp1-pp3": ("tied", 1, 3)},  # 4 layers over 3 stages: the automatic split 2, 1, 1
 }
@@ -31,7 +37,9 @@ CASES = [(world, case) for world, cases in RUNS.items() for case in cases]
 # A step with stages against the same step without (same TP: TP changes float summation order, which Adam's
 # first step, ~lr * sign(grad), can turn into ~lr-sized differences on near-zero gradients).
 SAME_STEP = [("tied-tp1-pp2", "tied-tp1-pp1"), ("untied-tp1-pp2", "untied-tp1-pp1"),
-             ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1"), ("tied-tp1-pp3", "tied-tp1-pp1")]
+             ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1"), ("tied-tp1-pp3", "tied-tp1-pp1"),
+             # micro-batches by token budget against fixed ones: the loss is normalised over the step, not the group
+             ("tied-tp1-pp1-dynamic", "tied-tp1-pp1"), ("tied-tp1-pp2-dynamic", "tied-tp1-pp2")]
 LR = 1e-4  # scripts/check_pipeline.py: Adam's first step moves weights by up to ~LR
 
 
@@ -44,7 +52,8 @@ def runs(tmp_path_factory):
     def get(world: int):
         if world not in cache:
             out = tmp_path_factory.mktemp(f"world{world}")
-            specs = [f"{case}={models[m]}:{tp},{pp}" for case, (m, tp, pp) in RUNS[world].items()]
+            specs = [f"{case}={models[m]}:{tp},{pp}" + (":" + ",".join(flags[0]) if flags else "")
+                     for case, (m, tp, pp, *flags) in RUNS[world].items()]
             proc = run_ranks(world, SCRIPT, str(out), *specs, timeout_s=300)
             assert proc.returncode == 0
             cache[world] = out, json.loads((out / "report.json").read_text())
@@ -116,3 +125,15 @@ def test_impossible_pipeline_layout_is_refused_before_any_work(tmp_path, letters
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert "--pipeline-model-parallel-size 2, --decoder-first-pipeline-num-layers 3" in line
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("dynamic, fixed", [("tied-tp1-pp1-dynamic", "tied-tp1-pp1"),
+                                            ("tied-tp1-pp2-dynamic", "tied-tp1-pp2")])
+def test_token_budget_micro_batches_pad_less_than_fixed_ones(runs, dynamic, fixed):
+    _, a = report_of(runs, dynamic)
+    _, b = report_of(runs, fixed)
+    # fixed pairs pad 18 of 100 tokens (either layout: the same pairs); by budget, DP 2: (14, 13) (6, 5) on rank 0,
+    # (15) (14, 8) (7) on rank 1: 8 of 90; one pipeline: 15, 14, 14, 13, 8, (7, 6), 5: 1 of 83
+    assert b["padding_ratio"] == pytest.approx(0.18)
+    expected = {"tied-tp1-pp1-dynamic": 8 / 90, "tied-tp1-pp2-dynamic": 1 / 83}
+    assert a["padding_ratio"] == pytest.approx(expected[dynamic])

@@ -88,8 +88,13 @@ GRPO_RUNS = {  # one 2-step GRPO run per option set; the engine samples what the
     # lr 1e-2 -> 1e-3, linear over 2 optimizer steps, no warmup: step 1 at 1e-2, step 2 at 1e-3 + 0.5 * 9e-3
     "dp2-selective-distopt-linear": ["--recompute-granularity", "selective", "--use-distributed-optimizer",
                                      "--lr-decay-style", "linear", "--lr-decay-iters", "2", "--min-lr", "1e-3"],
+    # two stages, micro-batches by token budget (a few samples each), the reference's and the actor's logprob
+    # passes by their own budget
+    "pp2-dynamic-kl": ["--pipeline-model-parallel-size", "2", "--use-dynamic-batch-size", "--max-tokens-per-gpu",
+                       "64", "--log-probs-max-tokens-per-gpu", "128", "--use-kl-loss", "--kl-loss-coef", "0.1"],
 }
-EXPECTED_LR = {"tp2-sp-full-distopt": [1e-2, 1e-2], "dp2-selective-distopt-linear": [1e-2, 5.5e-3]}
+EXPECTED_LR = {"tp2-sp-full-distopt": [1e-2, 1e-2], "dp2-selective-distopt-linear": [1e-2, 5.5e-3],
+               "pp2-dynamic-kl": [1e-2, 1e-2]}
 
 
 @pytest.mark.parametrize("name", list(GRPO_RUNS))
@@ -101,3 +106,4 @@ def test_grpo_with_options_keeps_trainer_and_engine_in_agreement(tiny_model, let
     records = read_metrics(log_dir)
     check_steps(records, 2)  # logprob agreement <= 1e-5 at both steps; the weights moved
     assert [r["train/lr"] for r in records] == pytest.approx(EXPECTED_LR[name], rel=1e-12)
+    assert all(0 <= r["train/padding_ratio"] < 1 for r in records)

@@ -12,6 +12,10 @@ from vime_spmd.config import AlgorithmConfig
 PAD = 99.0  # on padding; the mask must keep it out of every term
 
 
+def values(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: v.item() for k, v in metrics.items()}
+
+
 def test_per_token_loss_sums_policy_entropy_and_kl_over_the_global_token_count() -> None:
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])  # 4 tokens here; 8 in the whole step
     logprobs = torch.tensor([[1.0, 0.0, 0.0, PAD], [0.0, PAD, PAD, PAD]])
@@ -30,9 +34,11 @@ def test_per_token_loss_sums_policy_entropy_and_kl_over_the_global_token_count()
     assert loss.item() == -0.28125
     # pg_clipfrac: 1 clipped of 4 tokens = 0.25, times this micro-batch's share of the step, 4 / 8: 0.125
     # ppo_kl: mean of old - new over the 4 tokens = -1 / 4, times 0.5: -0.125
-    assert metrics == {"pg_loss": -0.21875, "entropy_loss": 0.5, "kl_loss": 0.125, "pg_clipfrac": 0.125,
-                       "ppo_kl": -0.125}
+    assert values(metrics) == {"pg_loss": -0.21875, "entropy_loss": 0.5, "kl_loss": 0.125, "pg_clipfrac": 0.125,
+                               "ppo_kl": -0.125}
     assert sorted(metrics) == sorted(ACTOR_LOSS_METRICS)
+    # Metrics stay tensors without a gradient: a step reads them back once, not per micro-batch.
+    assert all(isinstance(m, torch.Tensor) and m.dim() == 0 and not m.requires_grad for m in metrics.values())
     loss.backward()
     # d loss / d entropy = -entropy_coef / 8 = -0.03125 on each token trained on, 0 on padding
     assert torch.equal(entropy.grad, -0.03125 * mask)
@@ -52,8 +58,8 @@ def test_per_sequence_loss_divides_by_the_global_sequence_count_and_weights_metr
     assert loss.item() == -1.28125
     # share of the step: 2 sequences of 4 = 0.5 (by tokens it would be 4 / 4 = 1)
     # pg_clipfrac: 1 clipped of 4 tokens = 0.25 * 0.5 = 0.125; ppo_kl: -1 / 4 * 0.5 = -0.125
-    assert metrics == {"pg_loss": -1.03125, "entropy_loss": 0.5, "kl_loss": 0.0, "pg_clipfrac": 0.125,
-                       "ppo_kl": -0.125}
+    assert values(metrics) == {"pg_loss": -1.03125, "entropy_loss": 0.5, "kl_loss": 0.0, "pg_clipfrac": 0.125,
+                               "ppo_kl": -0.125}
 
 
 def test_truncated_importance_sampling_weights_the_policy_term() -> None:

@@ -20,7 +20,7 @@ ACTOR_LOSS_METRICS = ("entropy_loss", "kl_loss", "pg_clipfrac", "pg_loss", "ppo_
 
 def actor_loss(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                denominator: float, algo: AlgorithmConfig, *, ref_logprobs: Tensor | None = None,
-               rollout_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+               rollout_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """(scalar loss to backpropagate, metrics) of one micro-batch.
 
     Args:
@@ -33,8 +33,10 @@ def actor_loss(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantag
         ref_logprobs: [B, T] of the reference model; used with `use_kl_loss`.
         rollout_logprobs: [B, T] of the engine; used with `use_tis`.
 
-    Metrics (floats, keys `ACTOR_LOSS_METRICS`): pg_loss, entropy_loss, kl_loss (0 without `use_kl_loss`), and
-    pg_clipfrac and ppo_kl: this micro-batch's means weighted by its share of the step's tokens (or sequences).
+    Metrics (detached 0-dim tensors on the loss's device, keys `ACTOR_LOSS_METRICS`; tensors, so that a step reads
+    its metrics back once rather than synchronising with the device per micro-batch): pg_loss, entropy_loss,
+    kl_loss (0 without `use_kl_loss`), and pg_clipfrac and ppo_kl: this micro-batch's means weighted by its share
+    of the step's tokens (or sequences).
     """
     per_token = algo.calculate_per_token_loss
     tis = dict(rollout_logprobs=rollout_logprobs, tis_clip=algo.tis_clip,
@@ -45,12 +47,12 @@ def actor_loss(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantag
     pg_loss = aggregate(pg, mask, per_token, denominator)
     entropy_loss = aggregate(entropy, mask, per_token, denominator)
     loss = pg_loss - algo.entropy_coef * entropy_loss
-    metrics = {"pg_loss": pg_loss.item(), "entropy_loss": entropy_loss.item(), "kl_loss": 0.0}
+    metrics = {"pg_loss": pg_loss.detach(), "entropy_loss": entropy_loss.detach(), "kl_loss": pg_loss.new_zeros(())}
     if algo.use_kl_loss:
         kl_loss = aggregate(kl_penalty(logprobs, ref_logprobs, algo.kl_loss_type), mask, per_token, denominator)
         loss = loss + algo.kl_loss_coef * kl_loss
-        metrics["kl_loss"] = kl_loss.item()
-    share = (mask.sum().item() if per_token else float(mask.size(0))) / denominator
-    metrics["pg_clipfrac"] = pg_metrics["clipfrac"].item() * share
-    metrics["ppo_kl"] = pg_metrics["ppo_kl"].item() * share
+        metrics["kl_loss"] = kl_loss.detach()
+    share = (mask.sum() if per_token else mask.new_tensor(float(mask.size(0)))) / denominator
+    metrics["pg_clipfrac"] = pg_metrics["clipfrac"].detach() * share
+    metrics["ppo_kl"] = pg_metrics["ppo_kl"].detach() * share
     return loss, metrics

@@ -3,7 +3,9 @@ parallel): build the actor, compare its logits and logprobs with transformers, e
 training step on fixed synthetic inputs, and export the updated weights. Rank 0 writes REPORT_DIR/report.json
 (per case) and REPORT_DIR/{CASE}.pt (the updated HF tensors), for the test to compare layouts.
 
-    torchrun --nproc_per_node W check_pipeline.py REPORT_DIR CASE=MODEL_DIR:TP,PP [...]
+    torchrun --nproc_per_node W check_pipeline.py REPORT_DIR CASE=MODEL_DIR:TP,PP[:FLAG,FLAG,...] [...]
+
+e.g. `dyn=/m:1,2:--use-dynamic-batch-size,--max-tokens-per-gpu,28` (extra flags comma-separated).
 """
 
 import json
@@ -104,13 +106,13 @@ def train_one_step(actor, layout: Layout, samples: list[Sample]) -> dict:
     return metrics
 
 
-def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int) -> dict:
+def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int, flags: list[str]) -> dict:
     from transformers import AutoConfig
 
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
                         "--micro-batch-size", str(MICRO_BATCH), "--lr", str(LR), "--use-kl-loss",
-                        "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--seed", "3"])
+                        "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--seed", "3", *flags])
     layout = Layout.of_world(cfg.parallel)  # the actor checks that Megatron's groups agree with it
     start = time.perf_counter()
     actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(model_dir))
@@ -144,10 +146,10 @@ def main(out: str, cases: list[str]) -> None:
     reports = {}
     for spec in cases:
         case, _, rest = spec.partition("=")
-        model_dir, _, layout = rest.rpartition(":")
+        model_dir, layout, *flags = rest.split(":")
         tp, pp = (int(x) for x in layout.split(","))
         start = time.perf_counter()
-        reports[case] = check(acc, out_dir, case, model_dir, tp, pp)
+        reports[case] = check(acc, out_dir, case, model_dir, tp, pp, flags[0].split(",") if flags else [])
         reports[case]["case_s"] = time.perf_counter() - start
     if torch.distributed.get_rank() == 0:
         (out_dir / "report.json").write_text(json.dumps(reports, indent=1))

@@ -36,7 +36,7 @@ def build(acc, model_dir: str, tp: int, flags: list[str]) -> MegatronActor:
                         "--tensor-model-parallel-size", str(tp), "--micro-batch-size", str(MICRO_BATCH),
                         "--lr", "1e-4", "--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01",
                         "--seed", "3", *flags])
-    return MegatronActor(cfg, acc, AutoConfig.from_pretrained(model_dir))
+    return MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
 
 
 def logits_of(acc, model_dir: str, tp: int, backend: str, samples) -> list[torch.Tensor]:

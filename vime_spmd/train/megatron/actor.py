@@ -30,6 +30,7 @@ from ...batch import Sample, TrainInputs, response_mask
 from ...checkpoint import model_checkpoint
 from ...config import Config
 from ...device import Accelerator
+from ...micro_batches import plan_micro_batches
 from ...parallel import Layout
 from . import apply_platform_patches, dist_checkpoint
 from .families import family_for
@@ -174,24 +175,36 @@ class MegatronActor:
         torch.distributed.broadcast(t, src=self.layout.pipeline_ranks[-1], group=self.pp_group)
         return t.cpu()
 
+    def plan(self, samples: list[Sample], max_tokens: int | None) -> list[list[int]]:
+        """Micro-batches of `samples` as lists of indices (micro_batches.py): `--micro-batch-size` samples each, or
+        with `--use-dynamic-batch-size` at most `max_tokens` padded tokens each. Every rank of a pipeline (and of a
+        tensor-parallel group) holds the same samples, so they agree on the plan without a word; data-parallel ranks
+        may differ in their micro-batch count: their gradients meet once per step, in finalize_model_grads."""
+        t = self.cfg.train
+        pad_multiple = self.layout.tp_size if self.cfg.parallel.sequence_parallel else 1
+        return plan_micro_batches([s.num_tokens for s in samples], t.micro_batch_size,
+                                  max_tokens if t.use_dynamic_batch_size else None, pad_multiple)
+
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample], reference: bool = False) -> torch.Tensor:
         """[N, R] logprobs of the response tokens under the current (or reference) weights, 0 on padding."""
         model = self.ref_model if reference else self.model
         model.eval()
         width = max(len(s.response_ids) for s in samples)
-        mbs = self.cfg.train.micro_batch_size
-        chunks = [samples[start : start + mbs] for start in range(0, len(samples), mbs)]
+        groups = self.plan(samples, self.cfg.train.log_probs_max_tokens_per_gpu)
 
         def logprobs(k, batch, logits):
             logp, _ = self._response_logprobs(logits, batch, with_entropy=False)
             return logits.new_zeros(()), 0, logp
 
-        parts = self.run_micro_batches(model, [self._micro_batch(c) for c in chunks], logprobs, forward_only=True)
-        out = torch.zeros(len(samples), width)
-        for start, logp in zip(range(0, len(samples), mbs), parts):
-            out[start : start + logp.size(0), : logp.size(1)] = logp.float().cpu()
-        return self._from_last_stage(out) * response_mask(samples, width)
+        batches = [self._micro_batch([samples[i] for i in group]) for group in groups]
+        parts = self.run_micro_batches(model, batches, logprobs, forward_only=True)
+        # Assembled on the device and read back once (not per micro-batch), in the samples' order.
+        device = self.acc.torch_device
+        out = torch.zeros(len(samples), width, device=device)
+        for group, logp in zip(groups, parts):
+            out[torch.tensor(group, device=device), : logp.size(1)] = logp.float()
+        return self._from_last_stage(out).cpu() * response_mask(samples, width)
 
     # ---- training --------------------------------------------------------------------------------------
 
@@ -200,12 +213,12 @@ class MegatronActor:
 
         `denominator`: tokens (or sequences) of the optimizer step over all data-parallel ranks.
         """
-        mbs = self.cfg.train.micro_batch_size
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         device = self.acc.torch_device
-        micro = [inputs.rows(slice(start, start + mbs)) for start in range(0, len(inputs.samples), mbs)]
+        micro = [inputs.rows(group) for group in self.plan(inputs.samples, self.cfg.train.max_tokens_per_gpu)]
+        batches = [self._micro_batch(mb.samples) for mb in micro]
 
         def loss_and_metrics(k, batch, logits):
             mb = micro[k]
@@ -216,10 +229,9 @@ class MegatronActor:
             loss, metrics = actor_loss(logp, entropy, cut(mb.old_logprobs), cut(mb.advantages), mask, denominator,
                                        self.cfg.algorithm, ref_logprobs=cut(mb.ref_logprobs),
                                        rollout_logprobs=cut(mb.rollout_logprobs))
-            return loss, int(mask.sum().item()), metrics
+            return loss, mask.sum().int(), metrics
 
-        per_micro = self.run_micro_batches(self.model, [self._micro_batch(mb.samples) for mb in micro],
-                                           loss_and_metrics, forward_only=False)
+        per_micro = self.run_micro_batches(self.model, batches, loss_and_metrics, forward_only=False)
         # Gradients summed over data parallel, and (tied embeddings, stages) over the embedding group.
         finalize_model_grads([self.model])
         lr = self.optimizer.param_groups[0]["lr"]  # this step's, set by the scheduler
@@ -227,12 +239,25 @@ class MegatronActor:
         if not update_ok:
             raise RuntimeError("the optimizer skipped its step (non-finite gradients)")
         self.scheduler.step(1)
-        # Each micro-batch's metrics are its share of the step's (see actor_loss): their sum is the step's value.
-        sums = torch.tensor([sum(m[key] for m in per_micro) for key in ACTOR_LOSS_METRICS], dtype=torch.float64)
-        metrics = self.sum_over_dp(dict(zip(ACTOR_LOSS_METRICS, self._from_last_stage(sums).tolist())))
-        metrics["grad_norm"] = float(grad_norm)
-        metrics["lr"] = lr
-        return metrics
+        return self._step_metrics(per_micro, batches, micro) | {"grad_norm": float(grad_norm), "lr": lr}
+
+    def _step_metrics(self, per_micro: list[dict], batches: list[dict], micro: list[TrainInputs]) -> dict[str, float]:
+        """The step's loss metrics and padding ratio over all data-parallel ranks, from one stacked tensor: one
+        broadcast from the last stage, one all-reduce, one read back. Each micro-batch's loss metrics are its share
+        of the step's (see actor_loss), so their sum is the step's value; the padding ratio is padding tokens over all
+        tokens of the step's training micro-batches."""
+        device = self.acc.torch_device
+        real = sum(s.num_tokens for mb in micro for s in mb.samples)
+        total = sum(b["tokens"].numel() for b in batches)  # as padded, sequence-parallel rounding included
+        sums = torch.zeros(len(ACTOR_LOSS_METRICS), dtype=torch.float64, device=device)
+        if per_micro:  # the last stage
+            sums = torch.stack([torch.stack([m[key] for m in per_micro]).double().sum()
+                                for key in ACTOR_LOSS_METRICS])
+        values = torch.cat([self._from_last_stage(sums).to(device),
+                            torch.tensor([total - real, total], dtype=torch.float64, device=device)])
+        torch.distributed.all_reduce(values, group=self.dp_group)
+        *losses, padding, total = values.tolist()
+        return dict(zip(ACTOR_LOSS_METRICS, losses)) | {"padding_ratio": padding / total}
 
     def sum_over_dp(self, values: dict[str, float], op=torch.distributed.ReduceOp.SUM) -> dict[str, float]:
         """All-reduce scalars over the data-parallel group (SUM by default, or the given op)."""
