@@ -29,9 +29,8 @@ def check(acc, model_dir: str, tp: int, divisible_by: int) -> dict | None:
     tokens = torch.randint(0, vocab, (2, 24))
     labels = torch.roll(tokens, shifts=-1, dims=1)
     seq = tokens.size(1)
-    causal = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
-    with torch.no_grad():
-        local = actor.model(tokens, torch.arange(seq).expand_as(tokens), causal)
+    with torch.no_grad():  # no mask: the attention (causal SDPA) is causal by itself
+        local = actor.model(tokens, torch.arange(seq).expand_as(tokens), None)
         shards = [torch.empty_like(local) for _ in range(tp)]
         torch.distributed.all_gather(shards, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
         megatron_logits = torch.cat(shards, dim=-1)
