@@ -53,7 +53,8 @@ def test_two_loopback_nodes_train_like_one_node(tiny_model, letters_data, tmp_pa
     inputs = ["--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data), *LAYOUT]
     one = run_ranks(2, ROOT / "run.py", *inputs, "--log-dir", str(tmp_path / "one"))
     assert one.returncode == 0
-    two = run_two_nodes(tmp_path / "logs", *inputs, "--log-dir", str(tmp_path / "two"))
+    # --verbose: vLLM's own log says which all-reduce it chose (hidden by default)
+    two = run_two_nodes(tmp_path / "logs", *inputs, "--log-dir", str(tmp_path / "two"), "--verbose")
     assert [node.returncode for node in two] == [0, 0]
     assert "direct format, shm transport" in one.stderr
     for node in two:
