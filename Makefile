@@ -27,7 +27,7 @@ demo: setup
 		--hf-checkpoint $(DEMO_DIR)/model --prompt-data $(DEMO_DIR)/letters.jsonl --apply-chat-template \
 		--rm-type letter --advantage-estimator grpo \
 		--num-rollout 40 --rollout-batch-size 8 --n-samples-per-prompt 8 --rollout-max-response-len 16 \
-		--micro-batch-size 8 --lr 1e-2 --clip-grad 1.0 \
+		--micro-batch-size 8 --lr 1e-2 --clip-grad 1.0 --entropy-coef 0.01 \
 		--tensor-model-parallel-size 1 --rollout-num-gpus-per-engine 1 --log-dir $(DEMO_DIR)/run
 	$(PY) -m vime_spmd.tools.summarize $(DEMO_DIR)/run/metrics.jsonl
 
