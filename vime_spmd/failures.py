@@ -63,28 +63,28 @@ class _Shared:
         return cls.store
 
 
-def mark_failed() -> bool:
-    """Count this rank's failure; True when it is the job's first (or when there is no store to ask)."""
+def _failure_count(increment: int) -> int | None:
+    """The job's failure count after adding `increment`; None when there is no store to ask."""
     with _Shared.lock:
         store = _Shared.get()
         if store is None:
-            return True
+            return None
         try:
-            return store.add(key(FAILED_KEY), 1) == 1
+            return store.add(key(FAILED_KEY), increment)
         except (RuntimeError, OSError):
-            return True
+            return None
+
+
+def mark_failed() -> bool:
+    """Count this rank's failure; True when it is the job's first (or when there is no store to ask)."""
+    count = _failure_count(1)
+    return count is None or count == 1
 
 
 def peer_failed() -> bool:
     """Whether any rank of this job has failed (False when there is no store to ask)."""
-    with _Shared.lock:
-        store = _Shared.get()
-        if store is None:
-            return False
-        try:
-            return store.add(key(FAILED_KEY), 0) > 0
-        except (RuntimeError, OSError):
-            return False
+    count = _failure_count(0)
+    return count is not None and count > 0
 
 
 def report(message: str) -> None:
