@@ -45,13 +45,10 @@ def iteration_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def layout_values(world_size: int, tp_size: int, pp_size: int) -> dict:
-    """What a checkpoint records of the layout its per-rank shards belong to."""
-    return {"world_size": world_size, "tensor_model_parallel_size": tp_size, "pipeline_model_parallel_size": pp_size}
-
-
 def layout_of(layout) -> dict:
-    return layout_values(layout.world_size, layout.tp_size, layout.pp_size)
+    """What a checkpoint records of the training layout that wrote it (for RNG states and the log)."""
+    return {"world_size": layout.world_size, "tensor_model_parallel_size": layout.tp_size,
+            "pipeline_model_parallel_size": layout.pp_size}
 
 
 def _replace_text(path: Path, text: str) -> None:

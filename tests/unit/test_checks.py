@@ -149,7 +149,7 @@ def test_a_checkpoint_folder_missing_files_is_refused(world_of_one, tiny_model, 
     folder = checkpoint.iteration_dir(ckpt, 4)
     (folder / "rng").mkdir(parents=True)
     (ckpt / checkpoint.LATEST).write_text("4")
-    meta = {"format": checkpoint.FORMAT, "step": 4, "data": {}, "layout": checkpoint.layout_values(2, 1, 1)}
+    meta = {"format": checkpoint.FORMAT, "step": 4, "data": {}, "layout": {"world_size": 2}}
     (folder / "meta.json").write_text(json.dumps(meta))
     (folder / checkpoint.MEGATRON_METADATA).write_text("{}")
     (folder / "rng" / "rank_00000.pt").write_bytes(b"")
