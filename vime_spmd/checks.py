@@ -162,3 +162,12 @@ def check_arity(fn, names: tuple[str, ...], flag: str, path: str) -> None:
     except TypeError:
         raise ValueError(f"{flag}={path!r}: the function takes {signature}, but it is called as "
                          f"fn({', '.join(names)}); change its parameters") from None
+
+
+def check_responses(dataset) -> None:
+    """With --loss-type sft, every record's response (--response-key) must hold text: an empty one would train the
+    model to end every answer at once."""
+    for prompt in dataset.prompts:
+        if not prompt.label.strip():
+            raise ValueError(f"{prompt.source}: the response (--response-key) is empty; give each record the response "
+                             "to learn, or drop the record")

@@ -109,6 +109,10 @@ class AlgorithmConfig:
                               "summed over the response for the other estimators")
     entropy_coef: float = opt(0.0, "weight of the entropy bonus (subtracted from the loss)")
     calculate_per_token_loss: bool = opt(True, "average the loss over tokens (else over sequences)")
+    loss_type: str = opt("policy_loss", "what a step optimises: policy_loss (RL: rollout, reward, advantages) or sft "
+                                        "(supervised fine-tuning on the records' responses, --response-key, with "
+                                        "the prompt tokens masked; no rollout; sft_loss is accepted as a name)",
+                         choices=["policy_loss", "sft", "sft_loss"])
 
 
 @dataclass
@@ -133,6 +137,7 @@ class DataConfig:
     prompt_data: str = opt(None, "jsonl or .parquet file of prompt records", required=True)
     input_key: str = opt("prompt", "record key of the prompt: a string or a list of chat messages")
     label_key: str = opt("label", "record key of the reference answer given to the reward")
+    response_key: str = opt("response", "with --loss-type sft: record key of the response to learn (a string)")
     metadata_key: str = opt("metadata", "record key of an object passed to custom rewards as metadata (optional)")
     apply_chat_template: bool = opt(False, "render string prompts with the tokenizer's chat template too "
                                            "(a list of chat messages is always rendered with it)")
@@ -247,8 +252,14 @@ class Config:
         return dataclasses.asdict(self)
 
     @property
+    def sft(self) -> bool:
+        """Supervised fine-tuning (`--loss-type sft`): a step trains on records' responses, one sample per record."""
+        return self.algorithm.loss_type in ("sft", "sft_loss")
+
+    @property
     def num_samples_per_rollout(self) -> int:
-        return self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
+        """Samples a step trains on: every prompt's group, or with --loss-type sft one per record."""
+        return self.rollout.rollout_batch_size * (1 if self.sft else self.rollout.n_samples_per_prompt)
 
     @property
     def global_batch_size(self) -> int:
@@ -363,8 +374,10 @@ def validate(cfg: Config, world_size: int) -> None:
     total = cfg.num_samples_per_rollout
     gbs = cfg.global_batch_size
     if total % gbs:
+        samples = "--rollout-batch-size records of --loss-type sft" if cfg.sft else \
+            "--rollout-batch-size x --n-samples-per-prompt"
         raise ValueError(f"--global-batch-size {gbs} does not divide the {total} samples of a rollout "
-                         f"(--rollout-batch-size x --n-samples-per-prompt); use a divisor of {total}")
+                         f"({samples}); use a divisor of {total}")
     if t.use_dynamic_batch_size and gbs % dp:
         raise ValueError(f"--global-batch-size {gbs} is not divisible by data-parallel size {dp}; use a multiple of "
                          f"{dp}")
@@ -394,7 +407,15 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ValueError(f"--tis-clip-low {a.tis_clip_low} / --tis-clip {a.tis_clip}: need 0 <= low < high")
     if a.kl_coef < 0:
         raise ValueError(f"--kl-coef {a.kl_coef}: must be >= 0")
-    if a.advantage_estimator == "rloo" and r.n_samples_per_prompt < 2:
+    if cfg.sft:
+        rl_only = {"--use-kl-loss": a.use_kl_loss, "--kl-coef": a.kl_coef > 0, "--use-tis": a.use_tis,
+                   "--dynamic-sampling-filter-path": r.dynamic_sampling_filter_path is not None,
+                   "--overlong-buffer-len": r.overlong_buffer_len > 0}
+        given = [flag for flag, on in rl_only.items() if on]
+        if given:
+            raise ValueError(f"{', '.join(given)}: RL options; --loss-type sft trains on the records' responses "
+                             f"(no rollout, no reference model); drop them or use --loss-type policy_loss")
+    if a.advantage_estimator == "rloo" and r.n_samples_per_prompt < 2 and not cfg.sft:
         raise ValueError("--advantage-estimator rloo needs --n-samples-per-prompt >= 2 (a leave-one-out baseline)")
     d = cfg.data
     if d.custom_rm_path and d.rm_type not in (None, "custom"):

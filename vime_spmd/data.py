@@ -44,6 +44,7 @@ class RecordKeys:
     input_key: str = "prompt"
     label_key: str = "label"
     metadata_key: str = "metadata"
+    label_flag: str = "--label-key"  # the flag that names label_key (--response-key for supervised fine-tuning)
 
 
 class MalformedRecord(Exception):
@@ -126,13 +127,13 @@ def parse_record(record: object, keys: RecordKeys) -> tuple[str | list[dict], st
     label = record.get(keys.label_key)
     if label is not None and not isinstance(label, str | int | float):
         raise MalformedRecord(f"{keys.label_key!r} must be a string or a number, got {type(label).__name__}; "
-                              "--label-key names the key of the reference answer")
+                              f"{keys.label_flag} names its key")
     metadata = record.get(keys.metadata_key)
     if metadata is not None and not isinstance(metadata, dict):
         raise MalformedRecord(f"{keys.metadata_key!r} must be an object (a dict), got {type(metadata).__name__}; "
                               "--metadata-key names the key of the custom-reward metadata")
     if label is None:  # every reward scores against it: a run without labels would train on zeros
-        raise MalformedRecord(f"no {keys.label_key!r} value (the key is set by --label-key); "
+        raise MalformedRecord(f"no {keys.label_key!r} value (the key is set by {keys.label_flag}); "
                               f"the record's keys are {sorted(record)}")
     return prompt, str(label), metadata or {}
 
@@ -170,13 +171,14 @@ class PromptDataset:
 
     def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, *, input_key: str = "prompt",
                  label_key: str = "label", metadata_key: str = "metadata", apply_chat_template: bool = False,
-                 max_prompt_len: int | None = None, seed: int = 0, skip_bad_records: bool = False) -> None:
+                 max_prompt_len: int | None = None, seed: int = 0, skip_bad_records: bool = False,
+                 label_flag: str = "--label-key") -> None:
         self.skip_bad_records = skip_bad_records
         self.num_skipped_bad = 0
         self.num_dropped_too_long = 0
         self._first_bad: str | None = None
         self._first_too_long: str | None = None
-        keys = RecordKeys(input_key, label_key, metadata_key)
+        keys = RecordKeys(input_key, label_key, metadata_key, label_flag)
         pending: list[tuple[str, str, str, dict]] = []  # (text, label, where, metadata), awaiting tokenization
         self.prompts: list[Prompt] = []
         for where, record in read_records(path):

@@ -23,6 +23,7 @@ METRIC_KEYS = (
     "rollout/raw_reward", "train/pg_loss", "train/kl_loss", "train/entropy_loss", "train/grad_norm",
     "train/train_rollout_logprob_abs_diff",
 )
+SFT_METRIC_KEYS = ("train/sft_loss", "train/entropy_loss", "train/grad_norm")  # a --loss-type sft step's
 
 
 class StepTimer:
@@ -57,7 +58,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        for key in ("step", *TIMING_KEYS, *METRIC_KEYS):
+        for key in ("step", *TIMING_KEYS, *(SFT_METRIC_KEYS if "train/sft_loss" in record else METRIC_KEYS)):
             if key not in record:
                 raise KeyError(f"metrics record of step {record.get('step')} lacks {key}")
         self.append(record)
@@ -80,6 +81,11 @@ def format_line(r: dict) -> str:
         v = r.get(key, math.nan)
         return format(v, fmt)
 
+    if "train/sft_loss" in r:  # supervised fine-tuning: no rollout, no reward
+        return (f"step {r['step']:>4} | sft loss {f('train/sft_loss', '.4f')} | ent {f('train/entropy_loss')} "
+                f"| gnorm {f('train/grad_norm')} | resp len {f('train/response_len', '.1f')} "
+                f"| step {f('perf/step_time', '.2f')}s (train {f('perf/actor_train_time', '.2f')}s, "
+                f"sync {f('perf/update_weights_time', '.2f')}s)")
     return (f"step {r['step']:>4} | reward {f('rollout/raw_reward')} | pg {f('train/pg_loss', '+.4f')} "
             f"| kl {f('train/kl_loss', '.4f')} | ent {f('train/entropy_loss')} | gnorm {f('train/grad_norm')} "
             f"| lp diff {f('train/train_rollout_logprob_abs_diff', '.1e')} "

@@ -74,7 +74,9 @@ class Progress:
                 self.bar = tqdm(total=self.total, initial=done - 1, file=self.stream, unit="step", desc="steps",
                                 dynamic_ncols=True)
             self.bar.write(format_line(record), file=self.stream)
-            self.bar.set_postfix(reward=f"{record['rollout/raw_reward']:.3f}",
+            shown = ("sft_loss", record["train/sft_loss"]) if "train/sft_loss" in record else \
+                ("reward", record["rollout/raw_reward"])
+            self.bar.set_postfix(**{shown[0]: f"{shown[1]:.3f}"},
                                  step_s=f"{record['perf/step_time']:.2f}", refresh=False)
             self.bar.update(done - self.bar.n)
             return

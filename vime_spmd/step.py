@@ -208,3 +208,59 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "rollout/dynamic_sampling_dropped_groups": float(batch.num_dropped_groups),
         "rollout/num_samples": float(len(batch)),
     }
+
+
+class SFTStep(RLStep):
+    """One step of supervised fine-tuning (`--loss-type sft`) in the colocated loop: the next
+    `--rollout-batch-size` records' responses are the samples (no rollout, no reward), the actor minimises their
+    negative log-likelihood (prompt tokens masked), and the new weights reach the engine as after an RL step, so that
+    evaluations and `--save-hf` see them. Phases and timing keys are the RL step's; the rollout phase is empty."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from .checks import load_tokenizer
+
+        tokenizer = load_tokenizer(self.cfg.model.hf_checkpoint)
+        self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
+
+    def run(self, step: int) -> dict:
+        timer: StepTimer = self.new_timer()
+        with timer.span("perf/step_time"):
+            batch = self.last_batch = self.records_batch()
+            with timer.span("perf/engine_sleep_time"):
+                self.memory.engine_sleep()
+            with timer.span("perf/train_wake_time"):
+                self.memory.train_wake()
+            inputs, step_slices = self.train_inputs(batch)
+            with timer.span("perf/actor_train_time"):
+                per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
+            with timer.span("perf/sleep_time"):
+                self.memory.train_sleep()
+            with timer.span("perf/wake_up_time"):
+                self.memory.engine_wake_weights()
+            with timer.span("perf/update_weights_time"):
+                self.sync.update(self.memory)
+            with timer.span("perf/wake_up_time"):
+                self.memory.engine_wake_kv()
+        metrics = {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
+        lengths = [len(s.response_ids) for s in batch.samples]
+        record = {"step": step, **timer.times, **self.memory.metrics(), **metrics,
+                  "train/param_norm": self.actor.param_norm(),
+                  "train/response_len": statistics.fmean(lengths),
+                  "train/truncated_ratio": statistics.fmean(float(s.truncated) for s in batch.samples),
+                  "data/position": float(self.dataset.position)}
+        self.memory.reset_readings()
+        return record
+
+    def records_batch(self) -> RolloutBatch:
+        """The next records as samples: the prompt's tokens, then the response's and end-of-sequence, cut at
+        `--rollout-max-response-len` tokens (counted in train/truncated_ratio)."""
+        limit = self.cfg.rollout.rollout_max_response_len
+        prompts = self.dataset.next_batch(self.cfg.rollout.rollout_batch_size)
+        texts = [p.label for p in prompts]
+        samples = []
+        for prompt, text, ids in zip(prompts, texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            ids = [*ids, self.eos_id]
+            samples.append(Sample(prompt.prompt_ids, ids[:limit], [0.0] * min(len(ids), limit), label=text,
+                                  response_text=text, truncated=len(ids) > limit, metadata=prompt.metadata))
+        return RolloutBatch(samples, group_size=1)

@@ -19,7 +19,7 @@ from .metrics import StepTimer
 from .observe import RunLog
 from .parallel import Layout, pipeline_split
 from .signals import StopRequests
-from .step import RLStep
+from .step import RLStep, SFTStep
 from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -50,11 +50,15 @@ def prepare(cfg: Config) -> tuple[PromptDataset, list[EvalSet]]:
     pipeline_split(num_layers, p.pipeline_model_parallel_size, p.decoder_first_pipeline_num_layers,
                    p.decoder_last_pipeline_num_layers)
     tokenizer = checks.load_tokenizer(cfg.model.hf_checkpoint)
-    dataset = PromptDataset(cfg.data.prompt_data, tokenizer, input_key=cfg.data.input_key,
-                            label_key=cfg.data.label_key, metadata_key=cfg.data.metadata_key,
-                            apply_chat_template=cfg.data.apply_chat_template,
+    d = cfg.data
+    # Supervised fine-tuning reads each record's response where RL reads its reference answer.
+    label_key, label_flag = (d.response_key, "--response-key") if cfg.sft else (d.label_key, "--label-key")
+    dataset = PromptDataset(d.prompt_data, tokenizer, input_key=d.input_key, label_key=label_key,
+                            metadata_key=d.metadata_key, apply_chat_template=d.apply_chat_template,
                             max_prompt_len=cfg.rollout.rollout_max_prompt_len, seed=cfg.train.seed,
-                            skip_bad_records=cfg.data.skip_bad_records)
+                            skip_bad_records=d.skip_bad_records, label_flag=label_flag)
+    if cfg.sft:
+        checks.check_responses(dataset)
     return dataset, load_eval_sets(cfg, tokenizer)
 
 
@@ -72,8 +76,8 @@ def train(cfg: Config, dataset: PromptDataset, eval_sets: list[EvalSet] = ()) ->
 
     parts = build_colocated(cfg, acc, layout, dataset)
     actor, start_step = parts.actor, parts.start_step
-    step = RLStep(cfg, layout, dataset, actor, parts.engine, parts.memory, parts.sync,
-                  lambda: StepTimer(acc, on_phase=watchdog.enter_phase))
+    step = (SFTStep if cfg.sft else RLStep)(cfg, layout, dataset, actor, parts.engine, parts.memory, parts.sync,
+                                            lambda: StepTimer(acc, on_phase=watchdog.enter_phase))
     evaluator = Evaluator(cfg, layout, parts.engine, list(eval_sets)) if eval_sets else None
     records = []
     try:

@@ -82,3 +82,31 @@ def test_gspo_takes_one_ratio_per_sequence() -> None:
     # (per token the ratios would be e^0.5, clipped to 1.25, and e^-0.5 = 0.607: -(1.25 + 0.607) / 2 = -0.93)
     assert loss.item() == -1.0
     assert metrics["pg_clipfrac"] == 0.0 and metrics["ppo_kl"] == 0.0
+
+
+def test_sft_loss_is_the_negative_log_likelihood_of_the_response_over_the_global_token_count() -> None:
+    from vime_spmd.algorithms import SFT_LOSS_METRICS, sft_loss
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # 3 response tokens here; 4 in the whole step
+    logprobs = torch.tensor([[-0.5, -1.0, PAD], [-2.5, PAD, PAD]], requires_grad=True)
+    entropy = torch.tensor([[1.0, 0.5, PAD], [0.5, PAD, PAD]])
+    algo = AlgorithmConfig(loss_type="sft", entropy_coef=0.5)
+    loss, metrics = sft_loss(logprobs, entropy, mask, 4.0, algo)
+    # NLL: (0.5 + 1 + 2.5) / 4 = 1; entropy: (1 + 0.5 + 0.5) / 4 = 0.5; loss = 1 - 0.5 * 0.5 = 0.75
+    assert loss.item() == 0.75
+    assert values(metrics) == {"sft_loss": 1.0, "entropy_loss": 0.5}
+    assert sorted(metrics) == sorted(SFT_LOSS_METRICS)
+    loss.backward()
+    # Each response token's logprob gets -1/4; padding gets nothing.
+    assert logprobs.grad.tolist() == [[-0.25, -0.25, 0.0], [-0.25, 0.0, 0.0]]
+
+
+def test_sft_loss_per_sequence_averages_each_sequence_then_divides_by_the_global_sequence_count() -> None:
+    from vime_spmd.algorithms import sft_loss
+
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    logprobs = torch.tensor([[-1.0, -3.0], [-4.0, PAD]])
+    algo = AlgorithmConfig(loss_type="sft", calculate_per_token_loss=False)
+    loss, _ = sft_loss(logprobs, torch.zeros(2, 2), mask, 4.0, algo)
+    # sequence means 2 and 4, summed over the 4 sequences of the step: 6 / 4
+    assert loss.item() == 1.5

@@ -116,8 +116,22 @@ def test_values_out_of_range_are_refused_naming_the_flag(argv, message):
     (["--keep-last-n-checkpoints", "2"], 1, "--keep-last-n-checkpoints 2: needs --save DIR"),
     (["--save", "c", "--keep-last-n-checkpoints", "0"], 1, "--keep-last-n-checkpoints 0: needs --save DIR and a value"),
     (["--save-hf-interval", "5"], 1, "--save-hf-interval 5: needs --save-hf DIR"),
+    (["--loss-type", "sft", "--use-kl-loss", "--kl-coef", "0.1"], 1,
+     "--use-kl-loss, --kl-coef: RL options; --loss-type sft trains on the records' responses"),
+    # SFT takes one sample per record: 8 records, whatever --n-samples-per-prompt says
+    (["--loss-type", "sft", "--global-batch-size", "16"], 1,
+     "--global-batch-size 16 does not divide the 8 samples of a rollout (--rollout-batch-size records"),
 ])
 def test_inconsistent_flags_are_refused_naming_the_flag(argv, world, message):
     cfg = parse_config(BASE + ["--rollout-batch-size", "8"] + argv)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         validate(cfg, world)
+
+
+def test_sft_trains_on_one_sample_per_record_and_accepts_slimes_name():
+    for name in ("sft", "sft_loss"):
+        cfg = parse_config(BASE + ["--loss-type", name, "--rollout-batch-size", "8", "--n-samples-per-prompt", "4"])
+        validate(cfg, 2)
+        assert cfg.sft and cfg.num_samples_per_rollout == 8 and cfg.global_batch_size == 8
+    rl = parse_config(BASE + ["--rollout-batch-size", "8", "--n-samples-per-prompt", "4"])
+    assert not rl.sft and rl.num_samples_per_rollout == 32

@@ -10,7 +10,7 @@ from vime_spmd.algorithms.losses import (
     masked_sum,
     policy_loss,
 )
-from vime_spmd.algorithms.objective import ACTOR_LOSS_METRICS, actor_loss
+from vime_spmd.algorithms.objective import ACTOR_LOSS_METRICS, SFT_LOSS_METRICS, actor_loss, sft_loss
 
 __all__ = [
     "ACTOR_LOSS_METRICS",
@@ -24,4 +24,6 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "policy_loss",
+    "SFT_LOSS_METRICS",
+    "sft_loss",
 ]

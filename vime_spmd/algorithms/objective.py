@@ -1,6 +1,7 @@
-"""The loss the actor's optimiser minimises, per micro-batch: policy loss, entropy bonus and KL, with their metrics.
+"""The loss the actor's optimiser minimises, per micro-batch, with its metrics.
 
-    loss = pg_loss - entropy_coef * entropy_loss [+ kl_loss_coef * kl_loss]
+    RL (--loss-type policy_loss):  loss = pg_loss - entropy_coef * entropy_loss [+ kl_loss_coef * kl_loss]
+    SFT (--loss-type sft):         loss = sft_loss - entropy_coef * entropy_loss, sft_loss = -logprob of the response
 
 Each term is aggregated over the micro-batch's tokens (or sequences) and divided by `denominator`, the count over
 the whole optimizer step on all data-parallel ranks, so that summing over micro-batches and ranks (Megatron sums
@@ -16,6 +17,7 @@ from ..config import AlgorithmConfig
 from .losses import aggregate, kl_penalty, policy_loss
 
 ACTOR_LOSS_METRICS = ("entropy_loss", "kl_loss", "pg_clipfrac", "pg_loss", "ppo_kl")
+SFT_LOSS_METRICS = ("entropy_loss", "sft_loss")
 
 
 def actor_loss(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
@@ -56,3 +58,16 @@ def actor_loss(logprobs: Tensor, entropy: Tensor, old_logprobs: Tensor, advantag
     metrics["pg_clipfrac"] = pg_metrics["clipfrac"].detach() * share
     metrics["ppo_kl"] = pg_metrics["ppo_kl"].detach() * share
     return loss, metrics
+
+
+def sft_loss(logprobs: Tensor, entropy: Tensor, mask: Tensor, denominator: float,
+             algo: AlgorithmConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """(scalar loss, metrics) of one micro-batch of supervised fine-tuning: the negative log-likelihood of the
+    response tokens (`mask`; the prompt is not in it), aggregated and divided by `denominator` as `actor_loss` does,
+    so that the step's value is the mean over its tokens (or sequences) on all data-parallel ranks. Metrics (keys
+    `SFT_LOSS_METRICS`): sft_loss and entropy_loss, this micro-batch's shares of the step's values."""
+    per_token = algo.calculate_per_token_loss
+    nll = aggregate(-logprobs, mask, per_token, denominator)
+    entropy_loss = aggregate(entropy, mask, per_token, denominator)
+    loss = nll - algo.entropy_coef * entropy_loss
+    return loss, {"sft_loss": nll.detach(), "entropy_loss": entropy_loss.detach()}

@@ -75,7 +75,11 @@ class RolloutEngine:
         if layout.num_engines > 1:
             kwargs["data_parallel_size"] = layout.num_engines
         if acc.kind == "cpu":
-            kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=r.vllm_kv_cache_bytes)
+            # No chunked prefill: a prompt cut over two engine steps makes vLLM rewind its seeded generator by an
+            # offset, which CPU generators lack ("CPU Generator does not use offset"); every seeded call whose
+            # prompts exceed one step's token budget (4096) would fail.
+            kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=r.vllm_kv_cache_bytes,
+                          enable_chunked_prefill=False)
             per_job_cpu_shm_names(node_identity())
         else:
             kwargs.update(dtype="bfloat16", gpu_memory_utilization=r.vllm_gpu_memory_utilization,

@@ -44,13 +44,16 @@ def _corpus(seed: int, num_lines: int = 4000) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int, seed: int):
-    """A byte-level BPE tokenizer trained on the synthetic corpus, wrapped for transformers."""
+def build_tokenizer(vocab_size: int, seed: int, split_digits: bool = False):
+    """A byte-level BPE tokenizer trained on the synthetic corpus, wrapped for transformers; with `split_digits`,
+    every digit is a token of its own (as in Qwen's tokenizers), so that numbers never merge into one token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if split_digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -117,7 +120,7 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
                          f"{args.num_heads * args.head_dim} (or --head-dim {args.hidden_size // args.num_heads})")
     if args.num_heads % args.num_kv_heads:
         raise ValueError(f"--num-heads {args.num_heads} must be a multiple of --num-kv-heads {args.num_kv_heads}")
-    tokenizer = build_tokenizer(args.vocab_size, args.seed)
+    tokenizer = build_tokenizer(args.vocab_size, args.seed, args.split_digits)
     if len(tokenizer) > args.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than --vocab-size {args.vocab_size}")
     model = build_model(args, args.vocab_size)
@@ -151,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-position-embeddings", type=int, default=1024)
     p.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-digits", action="store_true",
+                   help="one token per digit (for arithmetic tasks), as Qwen's tokenizers do")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the saved weights (bfloat16 for real-size shapes on accelerators)")
     return p.parse_args(argv)

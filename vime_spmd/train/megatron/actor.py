@@ -25,7 +25,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from ...algorithms import ACTOR_LOSS_METRICS, actor_loss
+from ...algorithms import ACTOR_LOSS_METRICS, SFT_LOSS_METRICS, actor_loss, sft_loss
 from ...batch import Sample, TrainInputs, response_mask
 from ...checkpoint import model_checkpoint
 from ...config import Config
@@ -140,7 +140,9 @@ class MegatronActor:
 
     def _response_logprobs(self, logits: torch.Tensor, batch: dict, with_entropy: bool):
         """Response-token logprobs (and entropy) [b, R] from the last stage's logits of a micro-batch."""
-        logp, entropy = logprobs_and_entropy(logits, batch["labels"], self.cfg.rollout.rollout_temperature,
+        # The engine samples at --rollout-temperature, so RL's logprobs are taken at it; SFT learns the plain model.
+        temperature = 1.0 if self.cfg.sft else self.cfg.rollout.rollout_temperature
+        logp, entropy = logprobs_and_entropy(logits, batch["labels"], temperature,
                                              with_entropy, vocab_size=self.shape.vocab_size)
         pick = lambda t: None if t is None else t.gather(1, batch["index"])  # noqa: E731
         return pick(logp), pick(entropy)
@@ -226,6 +228,9 @@ class MegatronActor:
             width = logp.size(1)
             cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
             mask = cut(mb.response_mask)
+            if self.cfg.sft:
+                loss, metrics = sft_loss(logp, entropy, mask, denominator, self.cfg.algorithm)
+                return loss, mask.sum().int(), metrics
             loss, metrics = actor_loss(logp, entropy, cut(mb.old_logprobs), cut(mb.advantages), mask, denominator,
                                        self.cfg.algorithm, ref_logprobs=cut(mb.ref_logprobs),
                                        rollout_logprobs=cut(mb.rollout_logprobs))
@@ -249,15 +254,15 @@ class MegatronActor:
         device = self.acc.torch_device
         real = sum(s.num_tokens for mb in micro for s in mb.samples)
         total = sum(b["tokens"].numel() for b in batches)  # as padded, sequence-parallel rounding included
-        sums = torch.zeros(len(ACTOR_LOSS_METRICS), dtype=torch.float64, device=device)
+        keys = SFT_LOSS_METRICS if self.cfg.sft else ACTOR_LOSS_METRICS
+        sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
         if per_micro:  # the last stage
-            sums = torch.stack([torch.stack([m[key] for m in per_micro]).double().sum()
-                                for key in ACTOR_LOSS_METRICS])
+            sums = torch.stack([torch.stack([m[key] for m in per_micro]).double().sum() for key in keys])
         values = torch.cat([self._from_last_stage(sums).to(device),
                             torch.tensor([total - real, total], dtype=torch.float64, device=device)])
         torch.distributed.all_reduce(values, group=self.dp_group)
         *losses, padding, total = values.tolist()
-        return dict(zip(ACTOR_LOSS_METRICS, losses)) | {"padding_ratio": padding / total}
+        return dict(zip(keys, losses)) | {"padding_ratio": padding / total}
 
     def sum_over_dp(self, values: dict[str, float], op=torch.distributed.ReduceOp.SUM) -> dict[str, float]:
         """All-reduce scalars over the data-parallel group (SUM by default, or the given op)."""
