@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 DEMO_DIR ?= runs/demo
 NPROC ?= 2
 
-.PHONY: setup demo test test-slow lint clean
+.PHONY: setup demo arithmetic test test-slow lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 		--micro-batch-size 8 --lr 1e-2 --clip-grad 1.0 --entropy-coef 0.01 \
 		--tensor-model-parallel-size 1 --rollout-num-gpus-per-engine 1 --log-dir $(DEMO_DIR)/run
 	$(PY) -m vime_spmd.tools.summarize $(DEMO_DIR)/run/metrics.jsonl
+
+# The proof example (examples/arithmetic/README.md): SFT warm start, then GRPO, with held-out evals; ~25 min on CPU.
+arithmetic: setup
+	NPROC=$(NPROC) bash examples/arithmetic/run.sh runs/arithmetic
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests

@@ -18,7 +18,7 @@ from typing import TextIO
 from .config import OBSERVE_EXTRA, Config
 from .metrics import MetricsLog, format_line
 
-NOISY_LOGGERS = ("megatron", "vllm", "transformers", "torch")
+NOISY_LOGGERS = ("megatron", "vllm", "transformers", "torch", "math_verify")
 LOGGED_PROMPTS = 2  # prompts (each with all its responses) written per --log-samples-interval
 
 
