@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/bare_vs_step.py --out runs/bench/bare_vs_step.json
 
-For each size, one torchrun world (benchmarks/_bare_vs_step_worker.py) builds what a run builds and runs, in one
-process, rounds of our step next to a bare rollout and a bare training phase (bare first in odd rounds, ours first
-in even ones), after one warm-up round:
+For each case (a model size and flags: `CASES`), one torchrun world (benchmarks/_bare_vs_step_worker.py) builds
+what a run builds and runs, in one process, rounds of our step next to a bare rollout and a bare training phase
+(bare first in odd rounds, ours first in even ones), after one warm-up round:
 - rollout: generated tokens/s of our `perf/rollout_time` (generate, score, gather) against `LLM.generate` on the
   same `vllm.LLM` object, with the same prompt ids, SamplingParams and per-request seeds (so the same tokens);
 - training: tokens/s (prompt + response, all samples) of our `perf/ref_logprobs_time + perf/actor_train_time`
@@ -33,20 +33,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vime_spmd.metrics import untimed_share  # noqa: E402 (after the path: the driver runs as a script)
 
-# The demo's flags (Makefile `demo`), but lr 1e-30: the optimizer does all its work and no weight moves, so that the
-# bare rollout can run before or after our step and still generate what ours does (the worker's docstring).
+# The demo's flags (Makefile `demo`) but the default --entropy-coef 0 (case tiny+ent: the demo's 0.01) and lr 1e-30:
+# the optimizer does all its work and no weight moves, so that the bare rollout can run before or after our step
+# and still generate what ours does (the worker's docstring).
 COMMON_FLAGS = ["--device", "cpu", "--apply-chat-template", "--rm-type", "letter", "--advantage-estimator", "grpo",
-                "--lr", "1e-30", "--clip-grad", "1.0", "--entropy-coef", "0.01", "--seed", "7"]
-SIZES = {
-    # make_tiny_model's defaults (hidden 128, 2 layers, vocab 512); the demo's batch, 64 response tokens.
-    "tiny": {"model_args": [], "repeats": 10,
-             "flags": ["--rollout-batch-size", "8", "--n-samples-per-prompt", "8", "--rollout-max-response-len", "64",
-                       "--micro-batch-size", "8"]},
-    # The Qwen3 of benchmarks/weight_sync.py (126M parameters, vocab 32768), a smaller batch for the time.
-    "100m": {"model_args": ["--hidden-size", "768", "--num-layers", "12", "--num-heads", "12", "--num-kv-heads", "4",
-                            "--head-dim", "64", "--intermediate-size", "2048", "--vocab-size", "32768"], "repeats": 6,
-             "flags": ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "32",
-                       "--micro-batch-size", "4"]},
+                "--lr", "1e-30", "--clip-grad", "1.0", "--seed", "7"]
+MODELS = {
+    "tiny": [],  # make_tiny_model's defaults: hidden 128, 2 layers, vocab 512
+    # The Qwen3 of benchmarks/weight_sync.py: 126M parameters, vocab 32768
+    "100m": ["--hidden-size", "768", "--num-layers", "12", "--num-heads", "12", "--num-kv-heads", "4", "--head-dim",
+             "64", "--intermediate-size", "2048", "--vocab-size", "32768"],
+}
+TINY_BATCH = ["--rollout-batch-size", "8", "--n-samples-per-prompt", "8", "--rollout-max-response-len", "64",
+              "--micro-batch-size", "8"]  # the demo's batch, 64 response tokens
+CASES = {  # name: model, flags, measured rounds
+    "tiny": ("tiny", TINY_BATCH, 10),
+    "tiny+ent": ("tiny", [*TINY_BATCH, "--entropy-coef", "0.01"], 10),
+    "100m": ("100m", ["--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--rollout-max-response-len", "32",
+                      "--micro-batch-size", "4"], 6),  # a smaller batch, for the time
 }
 TARGETS = {"rollout tokens/s": 0.95, "training tokens/s": 0.95, "overhead share": 0.02}
 
@@ -68,7 +72,7 @@ def versions() -> dict[str, str]:
 
 
 def compare(rounds: list[dict]) -> list[dict]:
-    """The table's rows of one size from its measured rounds (warm-up excluded). Per metric: the median tokens/s of
+    """The table's rows of one case from its measured rounds (warm-up excluded). Per metric: the median tokens/s of
     ours and of bare, and `ratio`, the median over rounds of the round's ours / bare tokens/s (1 is parity; both
     sides of a round process the same tokens, so it is bare seconds / our seconds). A round's two sides ran next to
     each other, so its ratio cancels most of the slow drift of a shared machine's load; `cpu_ratio` is the same in
@@ -99,16 +103,16 @@ def compare(rounds: list[dict]) -> list[dict]:
     return rows
 
 
-def run_size(name: str, args, data: Path) -> dict:
-    spec = SIZES[name]
-    model_dir = Path(args.model_root) / f"qwen3-{name}"
+def run_case(name: str, args, data: Path) -> dict:
+    model, case_flags, repeats = CASES[name]
+    repeats = args.repeats or repeats
+    model_dir = Path(args.model_root) / f"qwen3-{model}"
     if not (model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "vime_spmd.tools.make_tiny_model", str(model_dir), *spec["model_args"]],
+        subprocess.run([sys.executable, "-m", "vime_spmd.tools.make_tiny_model", str(model_dir), *MODELS[model]],
                        check=True, cwd=ROOT)
-    flags = ["--hf-checkpoint", str(model_dir), "--prompt-data", str(data), *COMMON_FLAGS, *spec["flags"],
+    flags = ["--hf-checkpoint", str(model_dir), "--prompt-data", str(data), *COMMON_FLAGS, *case_flags,
              "--log-dir", str(Path(args.model_root) / f"bare_vs_step_{name}_log")]
     log = Path(args.out).with_name(f"bare_vs_step_{name}.log")
-    repeats = args.repeats or spec["repeats"]
     with tempfile.NamedTemporaryFile(suffix=".json") as out, log.open("w") as log_file:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master-port",
                str(free_port()), str(ROOT / "benchmarks/_bare_vs_step_worker.py"), out.name, str(repeats),
@@ -117,30 +121,29 @@ def run_size(name: str, args, data: Path) -> dict:
         subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         result = json.loads(Path(out.name).read_text())
     measured = [r for r in result["rounds"] if not r["warmup"]]
-    return {"size": name, "model_args": spec["model_args"], "flags": flags, "repeats": repeats,
-            "worker_command": " ".join(cmd),
-            **result, "rows": compare(measured)}
+    return {"case": name, "model_args": MODELS[model], "flags": flags, "repeats": repeats,
+            "worker_command": " ".join(cmd), **result, "rows": compare(measured)}
 
 
-def print_table(sizes: list[dict]) -> None:
-    print(f"{'size':>5} {'params':>7} {'metric':>18} {'ours':>9} {'bare':>9} {'ratio':>6} {'CPU ratio':>9} "
+def print_table(cases: list[dict]) -> None:
+    print(f"{'case':>8} {'params':>7} {'metric':>18} {'ours':>9} {'bare':>9} {'ratio':>6} {'CPU ratio':>9} "
           f"{'target':>7} {'met?':>5}")
-    for size in sizes:
-        for row in size["rows"]:
+    for case in cases:
+        for row in case["rows"]:
             if row["bare"] is None:
                 ours, bare, ratio, cpu_ratio, target = f"{row['ours']:.2%}", "-", "-", "-", f"<={row['target']:.0%}"
             else:
                 ours, bare = f"{row['ours']:.0f}", f"{row['bare']:.0f}"
                 ratio, cpu_ratio = f"{row['ratio']:.3f}", f"{row['cpu_ratio']:.3f}"
                 target = f">={row['target']}"
-            print(f"{size['size']:>5} {size['num_params'] / 1e6:>6.1f}M {row['metric']:>18} {ours:>9} {bare:>9} "
+            print(f"{case['case']:>8} {case['num_params'] / 1e6:>6.1f}M {row['metric']:>18} {ours:>9} {bare:>9} "
                   f"{ratio:>6} {cpu_ratio:>9} {target:>7} {'yes' if row['met'] else 'NO':>5}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="tiny,100m", help=f"comma separated, of {', '.join(SIZES)}")
-    p.add_argument("--repeats", type=int, help="measured rounds per size, after one warm-up round (default: 10 tiny, "
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma separated, of {', '.join(CASES)}")
+    p.add_argument("--repeats", type=int, help="measured rounds per case, after one warm-up round (default: 10 tiny, "
                    "6 100m)")
     p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node)")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
@@ -153,15 +156,15 @@ def main() -> None:
     data = Path(args.model_root) / "letters.jsonl"
     subprocess.run([sys.executable, "-m", "vime_spmd.tools.make_demo_data", str(data)], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
-    sizes = [run_size(name, args, data) for name in args.sizes.split(",")]
+    cases = [run_case(name, args, data) for name in args.cases.split(",")]
     machine = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
                "cpu_count": os.cpu_count(), "python": platform.python_version(), "versions": versions(),
                "ranks": args.nproc, "threads_per_rank": args.threads}
     print(f"our step against the bare engines: {machine['machine']}, {machine['cpu_count']} cores, CPU (gloo), fp32, "
           f"{args.nproc} rank(s) x {args.threads} thread(s), medians of the rounds after a warm-up "
           "(ratio: wall clock; CPU ratio: the same in CPU seconds)")
-    print_table(sizes)
-    report = {"machine": machine, "command": " ".join([Path(sys.executable).name, *sys.argv]), "sizes": sizes}
+    print_table(cases)
+    report = {"machine": machine, "command": " ".join([Path(sys.executable).name, *sys.argv]), "cases": cases}
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 

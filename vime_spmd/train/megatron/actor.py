@@ -223,6 +223,9 @@ class MegatronActor:
         def loss_and_metrics(k, batch, logits):
             mb = micro[k]
             logp, entropy = self._response_logprobs(logits, batch, with_entropy=True)
+            if self.cfg.algorithm.entropy_coef == 0:
+                # Then only a metric: no backward through it (its share of the gradient, 0 x ..., adds nothing).
+                entropy = entropy.detach()
             width = logp.size(1)
             cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
             mask = cut(mb.response_mask)
