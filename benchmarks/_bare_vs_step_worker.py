@@ -193,7 +193,7 @@ def measure_round(index: int, step: RLStep, timers: list[TimerWithCpu], bare_rol
     way."""
     n = step.cfg.rollout.n_samples_per_prompt
     load_avg = os.getloadavg()[0]
-    rollout_clock, train_clock = Clock(), Clock()
+    rollout_clock, train_clock, bare_grad_norms = Clock(), Clock(), []
     prompts, seeds = bare_rollout.next_requests()
 
     def bare_side(samples: list[Sample] | None) -> list[list[int]]:
@@ -203,7 +203,7 @@ def measure_round(index: int, step: RLStep, timers: list[TimerWithCpu], bare_rol
         samples = samples or [Sample(prompts[i // n], t, []) for i, t in enumerate(tokens)]
         torch.distributed.barrier()
         with train_clock():
-            bare_training.train(samples)
+            bare_grad_norms.append(bare_training.train(samples))
         return tokens
 
     bare_first = index % 2 == 1
@@ -219,7 +219,8 @@ def measure_round(index: int, step: RLStep, timers: list[TimerWithCpu], bare_rol
             "same_tokens": [s.response_ids for s in samples] == bare_tokens,
             "train_tokens": sum(s.num_tokens for s in samples),
             "bare_rollout_s": rollout_clock.wall_s, "bare_rollout_cpu_s": rollout_clock.cpu_s,
-            "bare_train_s": train_clock.wall_s, "bare_train_cpu_s": train_clock.cpu_s}
+            "bare_train_s": train_clock.wall_s, "bare_train_cpu_s": train_clock.cpu_s,
+            "bare_grad_norm": bare_grad_norms[0]}
 
 
 def profile_round(step: RLStep, bare_rollout: BareRollout, bare_training: BareTraining) -> dict:
