@@ -136,7 +136,7 @@ def print_table(cases: list[dict]) -> None:
     for case in cases:
         for row in case["rows"]:
             if row["bare"] is None:
-                ours, bare, ratio, cpu_ratio, target = f"{row['ours']:.2%}", "-", "-", "-", f"<={row['target']:.0%}"
+                ours, bare, ratio, cpu_ratio, target = f"{row['ours']:.3%}", "-", "-", "-", f"<={row['target']:.0%}"
             else:
                 ours, bare = f"{row['ours']:.0f}", f"{row['bare']:.0f}"
                 ratio, cpu_ratio = f"{row['ratio']:.3f}", f"{row['cpu_ratio']:.3f}"
