@@ -151,9 +151,8 @@ class BareTraining:
             return (per_token * b["loss_mask"]).sum(), num_tokens, {"loss": per_token.detach()}
 
         self.model.eval()
-        with torch.no_grad():
-            old = self.run_schedule(micro(t.log_probs_max_tokens_per_gpu), logprobs, forward_only=True)
-        assert len(old) > 0
+        with torch.no_grad():  # kept, as a loop that used them would keep them
+            self.old_logprobs = self.run_schedule(micro(t.log_probs_max_tokens_per_gpu), logprobs, forward_only=True)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -255,7 +254,7 @@ def main(out: str, repeats: int, profile: bool, run_flags: list[str]) -> None:
     bare_rollout, bare_training = BareRollout(step), BareTraining(parts.actor)
     rounds = [measure_round(i, step, timers, bare_rollout, bare_training) for i in range(repeats + 1)]  # 0: warm-up
     result = {"world_size": layout.world_size, "torch_threads": torch.get_num_threads(),
-              "num_params": sum(p.numel() for p in parts.actor.model.parameters()), "rounds": rounds,
+              "num_params_per_rank": sum(p.numel() for p in parts.actor.model.parameters()), "rounds": rounds,
               "profiles": profile_round(step, bare_rollout, bare_training) if profile else None}
     if layout.rank == 0:
         with open(out, "w") as f:

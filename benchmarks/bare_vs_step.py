@@ -114,7 +114,9 @@ def run_case(name: str, args, data: Path) -> dict:
     if not (model_dir / "config.json").is_file():
         subprocess.run([sys.executable, "-m", "vime_spmd.tools.make_tiny_model", str(model_dir), *MODELS[model]],
                        check=True, cwd=ROOT)
-    flags = ["--hf-checkpoint", str(model_dir), "--prompt-data", str(data), *COMMON_FLAGS, *case_flags,
+    # With N ranks: training TP N and one engine of TP N, so that every rank generates and trains on every sample.
+    layout = ["--tensor-model-parallel-size", str(args.nproc), "--rollout-num-gpus-per-engine", str(args.nproc)]
+    flags = ["--hf-checkpoint", str(model_dir), "--prompt-data", str(data), *COMMON_FLAGS, *case_flags, *layout,
              "--log-dir", str(Path(args.model_root) / f"bare_vs_step_{name}_log")]
     log = Path(args.out).with_name(f"bare_vs_step_{name}.log")
     with tempfile.NamedTemporaryFile(suffix=".json") as out, log.open("w") as log_file:
@@ -130,7 +132,7 @@ def run_case(name: str, args, data: Path) -> dict:
 
 
 def print_table(cases: list[dict]) -> None:
-    print(f"{'case':>8} {'params':>7} {'metric':>18} {'ours':>9} {'bare':>9} {'ratio':>6} {'CPU ratio':>9} "
+    print(f"{'case':>8} {'params/rank':>11} {'metric':>18} {'ours':>9} {'bare':>9} {'ratio':>6} {'CPU ratio':>9} "
           f"{'target':>7} {'met? (wall, CPU)':>16}")
     word = {True: "yes", False: "NO", None: "-"}
     for case in cases:
@@ -142,8 +144,9 @@ def print_table(cases: list[dict]) -> None:
                 ratio, cpu_ratio = f"{row['ratio']:.3f}", f"{row['cpu_ratio']:.3f}"
                 target = f">={row['target']}"
             met = f"{word[row['met']]}, {word[row['met_cpu']]}"
-            print(f"{case['case']:>8} {case['num_params'] / 1e6:>6.1f}M {row['metric']:>18} {ours:>9} {bare:>9} "
-                  f"{ratio:>6} {cpu_ratio:>9} {target:>7} {met:>16}")
+            params = f"{case['num_params_per_rank'] / 1e6:.1f}M"
+            print(f"{case['case']:>8} {params:>11} {row['metric']:>18} {ours:>9} {bare:>9} {ratio:>6} {cpu_ratio:>9} "
+                  f"{target:>7} {met:>16}")
 
 
 def main() -> None:
@@ -151,7 +154,8 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma separated, of {', '.join(CASES)}")
     p.add_argument("--repeats", type=int, help="measured rounds per case, after one warm-up round (default: 10 tiny, "
                    "6 100m)")
-    p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks (torchrun --nproc_per_node): training TP and one "
+                   "engine of that TP")
     p.add_argument("--threads", type=int, default=1, help="OpenMP threads per rank")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                    help="one more round with each phase under cProfile (top functions by self time)")
