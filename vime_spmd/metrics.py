@@ -71,6 +71,14 @@ class MetricsLog:
             f.write(json.dumps(record, allow_nan=True) + "\n")
 
 
+def untimed_share(record: dict) -> float:
+    """The share of a step's `perf/step_time` that no phase key covers: the work between the phases (building the
+    training inputs) and the timer's own cost. `perf/wake_up_time` holds both engine wakes, so every second of the
+    step is counted once."""
+    phases = sum(record[key] for key in TIMING_KEYS if key != "perf/step_time")
+    return (record["perf/step_time"] - phases) / record["perf/step_time"]
+
+
 def is_train_record(record: dict) -> bool:
     """metrics.jsonl holds a record per step and one per eval (their keys start with eval/)."""
     return "perf/step_time" in record

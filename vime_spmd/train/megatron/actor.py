@@ -225,6 +225,9 @@ class MegatronActor:
         def loss_and_metrics(k, batch, logits):
             mb = micro[k]
             logp, entropy = self._response_logprobs(logits, batch, with_entropy=True)
+            if self.cfg.algorithm.entropy_coef == 0:
+                # Then only a metric: no backward through it (its share of the gradient, 0 x ..., adds nothing).
+                entropy = entropy.detach()
             width = logp.size(1)
             cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
             mask = cut(mb.response_mask)
@@ -284,7 +287,8 @@ class MegatronActor:
         embeddings once."""
         sq = torch.zeros((), dtype=torch.float64, device=self.acc.torch_device)
         for _, p, tp_split in own_params(self.model.module, self.shape, self.layout.tp_size):
-            local = p.double().pow(2).sum()
+            # Summed in float64 without a float64 copy of each tensor (a copy costs a pass and its memory).
+            local = torch.linalg.vector_norm(p, dtype=torch.float64).square()
             sq += local if tp_split or self.layout.tp_rank == 0 else 0.0
         torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())  # TP x PP
         return sq.sqrt().item()
