@@ -48,18 +48,12 @@ class RLStep:
     def run(self, step: int) -> dict:
         timer: StepTimer = self.new_timer()
         with timer.span("perf/step_time"):
-            with timer.span("perf/rollout_time"):
-                batch = self.last_batch = self.rollout()
+            batch = self.last_batch = self.collect(timer)
             with timer.span("perf/engine_sleep_time"):
                 self.memory.engine_sleep()
             with timer.span("perf/train_wake_time"):
                 self.memory.train_wake()
-            inputs, step_slices = self.train_inputs(batch)
-            with timer.span("perf/ref_logprobs_time"):
-                if self.actor.ref_model is not None:
-                    inputs.ref_logprobs = self.logprobs(inputs, reference=True)
-            with timer.span("perf/actor_train_time"):
-                train_metrics = self.train(batch, inputs, step_slices)
+            train_metrics = self.train_phases(batch, timer)
             with timer.span("perf/sleep_time"):
                 self.memory.train_sleep()
             with timer.span("perf/wake_up_time"):
@@ -68,10 +62,27 @@ class RLStep:
                 self.sync.update(self.memory)
             with timer.span("perf/wake_up_time"):
                 self.memory.engine_wake_kv()
-        record = {"step": step, **timer.times, **self.memory.metrics(), **rollout_metrics(batch), **train_metrics,
-                  "data/position": float(self.dataset.position)}
+        record = {"step": step, **timer.times, **self.memory.metrics(), **self.batch_metrics(batch),
+                  **train_metrics, "data/position": float(self.dataset.position)}
         self.memory.reset_readings()
         return record
+
+    def collect(self, timer: StepTimer) -> RolloutBatch:
+        """The step's samples, while the engine is awake."""
+        with timer.span("perf/rollout_time"):
+            return self.rollout()
+
+    def train_phases(self, batch: RolloutBatch, timer: StepTimer) -> dict:
+        """The trainer's phases on `batch`, while it is awake; returns the training metrics."""
+        inputs, step_slices = self.train_inputs(batch)
+        with timer.span("perf/ref_logprobs_time"):
+            if self.actor.ref_model is not None:
+                inputs.ref_logprobs = self.logprobs(inputs, reference=True)
+        with timer.span("perf/actor_train_time"):
+            return self.train(batch, inputs, step_slices)
+
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        return rollout_metrics(batch)
 
     def prime_engine(self, while_trainer_awake: Callable[[], None] | None = None) -> None:
         """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint, or
@@ -189,12 +200,17 @@ class RLStep:
         totals = self.actor.sum_over_dp({"abs_diff": abs_diff.sum().item(), "tokens": mask.sum().item()})
         max_diff = self.actor.sum_over_dp({"max": abs_diff.max().item()}, op=torch.distributed.ReduceOp.MAX)
         inputs.advantages = self.advantages(batch, inputs)
-        per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
-        metrics = {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
+        metrics = self.optimizer_steps(inputs, step_slices)
         metrics["train/train_rollout_logprob_abs_diff"] = totals["abs_diff"] / max(totals["tokens"], 1.0)
         metrics["train/train_rollout_logprob_max_abs_diff"] = max_diff["max"]
         metrics["train/param_norm"] = self.actor.param_norm()
         return metrics
+
+
+    def optimizer_steps(self, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict[str, float]:
+        """One optimizer step per slice of `inputs`; their metrics as `train/` keys, averaged over the steps."""
+        per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
+        return {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
@@ -223,34 +239,18 @@ class SFTStep(RLStep):
         tokenizer = load_tokenizer(self.cfg.model.hf_checkpoint)
         self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
 
-    def run(self, step: int) -> dict:
-        timer: StepTimer = self.new_timer()
-        with timer.span("perf/step_time"):
-            batch = self.last_batch = self.records_batch()
-            with timer.span("perf/engine_sleep_time"):
-                self.memory.engine_sleep()
-            with timer.span("perf/train_wake_time"):
-                self.memory.train_wake()
-            inputs, step_slices = self.train_inputs(batch)
-            with timer.span("perf/actor_train_time"):
-                per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
-            with timer.span("perf/sleep_time"):
-                self.memory.train_sleep()
-            with timer.span("perf/wake_up_time"):
-                self.memory.engine_wake_weights()
-            with timer.span("perf/update_weights_time"):
-                self.sync.update(self.memory)
-            with timer.span("perf/wake_up_time"):
-                self.memory.engine_wake_kv()
-        metrics = {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
-        lengths = [len(s.response_ids) for s in batch.samples]
-        record = {"step": step, **timer.times, **self.memory.metrics(), **metrics,
-                  "train/param_norm": self.actor.param_norm(),
-                  "train/response_len": statistics.fmean(lengths),
-                  "train/truncated_ratio": statistics.fmean(float(s.truncated) for s in batch.samples),
-                  "data/position": float(self.dataset.position)}
-        self.memory.reset_readings()
-        return record
+    def collect(self, timer: StepTimer) -> RolloutBatch:
+        return self.records_batch()
+
+    def train_phases(self, batch: RolloutBatch, timer: StepTimer) -> dict:
+        inputs, step_slices = self.train_inputs(batch)
+        with timer.span("perf/actor_train_time"):
+            metrics = self.optimizer_steps(inputs, step_slices)
+        return metrics | {"train/param_norm": self.actor.param_norm()}
+
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        return {"train/response_len": statistics.fmean(len(s.response_ids) for s in batch.samples),
+                "train/truncated_ratio": statistics.fmean(float(s.truncated) for s in batch.samples)}
 
     def records_batch(self) -> RolloutBatch:
         """The next records as samples: the prompt's tokens, then the response's and end-of-sequence, cut at
