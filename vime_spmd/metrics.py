@@ -58,7 +58,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        for key in ("step", *TIMING_KEYS, *(SFT_METRIC_KEYS if "train/sft_loss" in record else METRIC_KEYS)):
+        for key in ("step", *TIMING_KEYS, *(SFT_METRIC_KEYS if is_sft_record(record) else METRIC_KEYS)):
             if key not in record:
                 raise KeyError(f"metrics record of step {record.get('step')} lacks {key}")
         self.append(record)
@@ -84,12 +84,17 @@ def is_train_record(record: dict) -> bool:
     return "perf/step_time" in record
 
 
+def is_sft_record(record: dict) -> bool:
+    """A step of supervised fine-tuning (--loss-type sft): no rollout, no reward."""
+    return "train/sft_loss" in record
+
+
 def format_line(r: dict) -> str:
     def f(key: str, fmt: str = ".3f") -> str:
         v = r.get(key, math.nan)
         return format(v, fmt)
 
-    if "train/sft_loss" in r:  # supervised fine-tuning: no rollout, no reward
+    if is_sft_record(r):
         return (f"step {r['step']:>4} | sft loss {f('train/sft_loss', '.4f')} | ent {f('train/entropy_loss')} "
                 f"| gnorm {f('train/grad_norm')} | resp len {f('train/response_len', '.1f')} "
                 f"| step {f('perf/step_time', '.2f')}s (train {f('perf/actor_train_time', '.2f')}s, "

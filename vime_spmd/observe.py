@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import OBSERVE_EXTRA, Config
-from .metrics import MetricsLog, format_line
+from .metrics import MetricsLog, format_line, is_sft_record
 
 NOISY_LOGGERS = ("megatron", "vllm", "transformers", "torch", "math_verify")
 LOGGED_PROMPTS = 2  # prompts (each with all its responses) written per --log-samples-interval
@@ -74,9 +74,8 @@ class Progress:
                 self.bar = tqdm(total=self.total, initial=done - 1, file=self.stream, unit="step", desc="steps",
                                 dynamic_ncols=True)
             self.bar.write(format_line(record), file=self.stream)
-            shown = ("sft_loss", record["train/sft_loss"]) if "train/sft_loss" in record else \
-                ("reward", record["rollout/raw_reward"])
-            self.bar.set_postfix(**{shown[0]: f"{shown[1]:.3f}"},
+            name, key = ("sft_loss", "train/sft_loss") if is_sft_record(record) else ("reward", "rollout/raw_reward")
+            self.bar.set_postfix(**{name: f"{record[key]:.3f}"},
                                  step_s=f"{record['perf/step_time']:.2f}", refresh=False)
             self.bar.update(done - self.bar.n)
             return

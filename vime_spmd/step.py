@@ -206,7 +206,6 @@ class RLStep:
         metrics["train/param_norm"] = self.actor.param_norm()
         return metrics
 
-
     def optimizer_steps(self, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict[str, float]:
         """One optimizer step per slice of `inputs`; their metrics as `train/` keys, averaged over the steps."""
         per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
