@@ -5,7 +5,7 @@ STAMP := $(VENV)/.setup-done
 DEMO_DIR ?= runs/demo
 NPROC ?= 2
 
-.PHONY: setup demo arithmetic test test-slow lint clean
+.PHONY: setup demo arithmetic test test-kernels test-slow lint clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ arithmetic: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The engine-free tests that compare numerics (marker `numerics`) again, under a second set of CPU kernels: AVX2 where
+# the machine's default is AVX-512, else torch's scalar kernels (vLLM's CPU build cannot run on those: its compiled
+# kernels need vector instructions, so the tests that start an engine are not among these).
+test-kernels: setup
+	@if grep -qw avx512f /proc/cpuinfo; then kernels="ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2"; \
+	else kernels="ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41"; fi; \
+	echo "test-kernels: $$kernels"; env $$kernels $(PY) -m pytest -q -m "numerics and not slow" tests
 
 # Tests that take minutes or need a system service: a one-node Slurm cluster (root, slurm-wlm and munge; skipped,
 # saying why, without them).

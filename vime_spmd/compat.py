@@ -48,7 +48,6 @@ IGNORED = (
     Ignored("--megatron-to-hf-mode", True, "weights convert in process, from Megatron's shards to the engine"),
     Ignored("--rollout-shuffle", False, "prompts are always shuffled, per epoch, from --seed"),
     Ignored("--balance-data", False, "each data-parallel rank trains on an equal share of the samples"),
-    Ignored("--optimizer", True, "the optimizer is Adam (AdamW weight decay)", only="adam"),
     *(Ignored(f, True, "not supported: dense models without context parallelism", only="1")
       for f in ("--context-parallel-size", "--expert-model-parallel-size", "--expert-tensor-parallel-size")),
 )

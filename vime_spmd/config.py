@@ -117,8 +117,11 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = opt(1e-6, "AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    optimizer: str = opt("adam", "adam (AdamW: decoupled weight decay) or sgd (with --sgd-momentum)",
+                         choices=["adam", "sgd"])
+    sgd_momentum: float = opt(0.9, "with --optimizer sgd: the momentum (Megatron's default, 0.9)")
+    lr: float = opt(1e-6, "learning rate")
+    weight_decay: float = opt(0.0, "weight decay (decoupled with adam)")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.98, "AdamW beta2")
     clip_grad: float = opt(1.0, "clip the global gradient norm to this value")
@@ -514,6 +517,11 @@ def validate_training_options(cfg: Config) -> None:
     t.attention_backend = ATTENTION_BACKEND_ALIASES.get(t.attention_backend, t.attention_backend)
     if o.lr <= 0:
         raise ValueError(f"--lr {o.lr}: must be > 0")
+    if o.optimizer == "sgd" and o.use_distributed_optimizer:
+        raise ValueError("--optimizer sgd with --use-distributed-optimizer: Megatron shards Adam's state only; "
+                         "drop one of them")
+    if not 0 <= o.sgd_momentum < 1:
+        raise ValueError(f"--sgd-momentum {o.sgd_momentum}: must be in [0, 1)")
     if not 0 <= o.min_lr <= o.lr:
         raise ValueError(f"--min-lr {o.min_lr}: must be in [0, --lr {o.lr}]")
     if o.lr_warmup_iters < 0 or (o.lr_decay_iters is not None and o.lr_decay_iters < 1):

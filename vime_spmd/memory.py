@@ -345,6 +345,9 @@ def preallocate_optimizer_state(optimizer) -> None:
         inner = opt.optimizer
         if opt.init_state_fn is not None:
             opt.init_state_fn(inner, opt.config)
+        if isinstance(inner, torch.optim.SGD):
+            preallocate_momentum(inner)
+            continue
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in inner.param_groups:
@@ -357,3 +360,13 @@ def preallocate_optimizer_state(optimizer) -> None:
                                                      device=p.device if on_device else "cpu"))
                 if group.get("amsgrad"):
                     state.setdefault("max_exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def preallocate_momentum(sgd: torch.optim.SGD, config=None) -> None:
+    """SGD's momentum buffer, zeroed: its first step then computes 0 x momentum + grad, the clone of the gradient
+    it would have made (dampening 0), bit for bit."""
+    for group in sgd.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            sgd.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))

@@ -57,6 +57,7 @@ def reports(models, tmp_path_factory):
     return get
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("tp, case", [(1, c) for c in FAMILY_CASES] + [(2, c) for c in [*FAMILY_CASES, *PADDED_CASES]])
 def test_megatron_matches_transformers_and_round_trips(reports, tp, case):
     report = reports(tp)[case]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, make_model, run_ranks
+from tests.integration.test_training_options import check_same_step
 
 pytestmark = pytest.mark.integration
 
@@ -34,13 +35,11 @@ RUNS = {  # world size -> case -> (model, TP, PP[, flags]); the rest of the worl
     3: {"tied-tp1-pp3": ("tied", 1, 3)},  # 4 layers over 3 stages: the automatic split 2, 1, 1
 }
 CASES = [(world, case) for world, cases in RUNS.items() for case in cases]
-# A step with stages against the same step without (same TP: TP changes float summation order, which Adam's
-# first step, ~lr * sign(grad), can turn into ~lr-sized differences on near-zero gradients).
+# A step with stages against the same step without (same TP; the step is plain SGD: scripts/check_pipeline.OPTIMIZER).
 SAME_STEP = [("tied-tp1-pp2", "tied-tp1-pp1"), ("untied-tp1-pp2", "untied-tp1-pp1"),
              ("tied-tp2-pp2", "tied-tp2-pp1"), ("tied-tp1-pp2-dp2", "tied-tp1-pp1"), ("tied-tp1-pp3", "tied-tp1-pp1"),
              # micro-batches by token budget against fixed ones: the loss is normalised over the step, not the group
              ("tied-tp1-pp1-dynamic", "tied-tp1-pp1"), ("tied-tp1-pp2-dynamic", "tied-tp1-pp2")]
-LR = 1e-4  # scripts/check_pipeline.py: Adam's first step moves weights by up to ~LR
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +67,7 @@ def report_of(runs, case: str) -> tuple:
     return out, reports[case]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("world, case", CASES)
 def test_megatron_matches_transformers_and_exports_the_whole_model(runs, world, case):
     _, report = runs(world)
@@ -79,23 +79,25 @@ def test_megatron_matches_transformers_and_exports_the_whole_model(runs, world, 
     assert report["mismatched_tensors"] == []  # bit-exact round trip
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("staged, plain", SAME_STEP)
 def test_one_step_with_stages_equals_the_step_without(runs, staged, plain):
     staged_dir, a = report_of(runs, staged)
     plain_dir, b = report_of(runs, plain)
     weights_a, weights_b = torch.load(staged_dir / f"{staged}.pt"), torch.load(plain_dir / f"{plain}.pt")
     assert sorted(weights_a) == sorted(weights_b)
-    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) <= 1e-6
-    assert a["max_update"] >= LR / 2  # the step moved the weights far more than the tolerance
-    assert a["metrics_equal_on_all_ranks"]
-    for key in ("pg_loss", "entropy_loss", "kl_loss", "pg_clipfrac", "ppo_kl"):
-        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+    # SGD moves each weight by -lr x clip x gradient, linear in the gradient: the layouts' updates differ by lr x the
+    # gradients' difference, which is summation order over ~100 tokens (~100 x 6e-8 of the largest gradient: <= 1e-5
+    # of the largest update), plus the rounding of w + update on each side (half an ulp of |w| <= 1: 6e-8 each).
+    # Seen: 7.5e-9 of updates up to 1e-2, on AVX2 and on torch's scalar kernels.
+    bound = 1e-5 * a["max_update"] + 1.2e-7 * max(w.abs().max().item() for w in weights_b.values())
+    assert max((weights_a[k] - weights_b[k]).abs().max().item() for k in weights_a) <= bound
+    assert a["max_update"] >= 1e3 * bound  # the step moved the weights far more than the tolerance
+    check_same_step(a, b)
     assert a["param_norm_before"] == pytest.approx(b["param_norm_before"], rel=1e-9)  # tied embedding counted once
+    # Each side's norm in float64 of weights that agree to ~1e-8 (above): 1e-9 relative. check_same_step compared
+    # the next forward's logprobs: with tied embeddings, the last stage's copy moved with the first stage's.
     assert a["param_norm_after"] == pytest.approx(b["param_norm_after"], rel=1e-9)
-    # The next forward sees the same model (with tied embeddings: the last stage's copy moved with the first's).
-    after_a, after_b = torch.tensor(a["logprobs_after"]), torch.tensor(b["logprobs_after"])
-    assert (after_a - after_b).abs().max().item() <= 1e-5
 
 
 def test_three_layers_over_two_stages_train_in_agreement_with_the_engine(letters_data, tmp_path):

@@ -60,15 +60,14 @@ def test_slime_script_flags_that_do_not_apply_are_named_in_one_warning(capsys, m
                                "--attention-backend", "flash", "--sglang-mem-fraction-static", "0.7",
                                "--context-parallel-size", "1", "--optimizer", "adam", "--vllm-enforce-eager",
                                "--lr", "2e-6"])
-    assert cfg.optimizer.lr == 2e-6  # the real flags still land
+    assert cfg.optimizer.lr == 2e-6 and cfg.optimizer.optimizer == "adam"  # the real flags still land
     validate(cfg, 1)
     assert cfg.train.attention_backend == "sdpa"  # Megatron-LM's "flash" is our fused causal attention
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("warning: ignoring flags that do not apply here: --actor-num-nodes "
                            "--actor-num-gpus-per-node (no Ray")
     for flag in ("--swiglu", "--num-layers", "--normalization", "--qk-layernorm", "--attention-dropout",
-                 "--sglang-mem-fraction-static", "--context-parallel-size", "--optimizer",
-                 "--vllm-enforce-eager"):
+                 "--sglang-mem-fraction-static", "--context-parallel-size", "--vllm-enforce-eager"):
         assert flag in line
     assert "config.json" in line and "dropout is always off" in line
 
@@ -76,8 +75,8 @@ def test_slime_script_flags_that_do_not_apply_are_named_in_one_warning(capsys, m
 def test_an_ignored_flag_is_refused_when_its_value_asks_for_something_we_cannot_do(monkeypatch):
     with pytest.raises(ValueError, match="--context-parallel-size 2: not supported.*pass --context-parallel-size 1"):
         parse_config(BASE + ["--context-parallel-size", "2"])
-    with pytest.raises(ValueError, match="--optimizer sgd: the optimizer is Adam"):
-        parse_config(BASE + ["--optimizer", "sgd"])
+    with pytest.raises(ValueError, match="--expert-model-parallel-size 2: not supported"):
+        parse_config(BASE + ["--expert-model-parallel-size", "2"])
 
 
 def test_no_warning_on_other_ranks(capsys, monkeypatch):
@@ -135,3 +134,13 @@ def test_sft_trains_on_one_sample_per_record_and_accepts_slimes_name():
         assert cfg.sft and cfg.num_samples_per_rollout == 8 and cfg.global_batch_size == 8
     rl = parse_config(BASE + ["--rollout-batch-size", "8", "--n-samples-per-prompt", "4"])
     assert not rl.sft and rl.num_samples_per_rollout == 32
+
+
+def test_sgd_is_honoured_and_refused_with_the_distributed_optimizer():
+    cfg = parse_config(BASE + ["--optimizer", "sgd", "--sgd-momentum", "0"])
+    validate(cfg, 1)
+    assert (cfg.optimizer.optimizer, cfg.optimizer.sgd_momentum) == ("sgd", 0.0)
+    with pytest.raises(ValueError, match="--optimizer sgd with --use-distributed-optimizer"):
+        validate(parse_config(BASE + ["--optimizer", "sgd", "--use-distributed-optimizer"]), 1)
+    with pytest.raises(ValueError, match="--sgd-momentum 1.0: must be in"):
+        validate(parse_config(BASE + ["--optimizer", "sgd", "--sgd-momentum", "1"]), 1)

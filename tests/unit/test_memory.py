@@ -347,6 +347,26 @@ def test_preallocated_adam_state_trains_exactly_like_the_lazy_one():
         assert torch.equal(lazy, pre)
 
 
+def test_preallocated_sgd_momentum_trains_exactly_like_the_lazy_one():
+    torch.manual_seed(0)
+    start = torch.randn(4, 3)
+    grads = [torch.randn_like(start) for _ in range(3)]
+    results = []
+    for preallocate in (False, True):
+        param = torch.nn.Parameter(start.clone())
+        sgd = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+        if preallocate:
+            optimizer = MegatronLikeOptimizer(sgd)
+            optimizer.init_state_fn = None  # as Megatron's SGD
+            preallocate_optimizer_state(optimizer)
+            assert set(sgd.state[param]) == {"momentum_buffer"}
+        for g in grads:
+            param.grad = g.clone()
+            sgd.step()
+        results.append(param.detach().clone())
+    assert torch.equal(*results)
+
+
 def test_optimizer_state_is_allocated_inside_the_optimizer_region_on_accelerators_only():
     params = [torch.nn.Parameter(torch.zeros(2))]
     for kind, expected in (("cpu", 0), ("cuda", 1)):

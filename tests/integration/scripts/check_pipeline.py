@@ -24,7 +24,12 @@ from vime_spmd.train.megatron.model import load_hf_state_dict
 
 NUM_SAMPLES = 8  # one optimizer step over all of them
 MICRO_BATCH = 2
-LR = 1e-4
+# Plain SGD (no momentum) so that the step compares across layouts: each weight moves by -LR x clip x gradient,
+# linear in the gradient, so layouts that sum the gradient in another order move it by LR x (that difference). Adam's
+# first step moves each weight by ~LR x g / (|g| + eps): near g = 0 it multiplies a gradient's summation noise by up
+# to LR / eps (1e4 at LR 1e-4), which is why a 1e-6 bound through Adam held on one CPU's kernels and not another's.
+OPTIMIZER = ("--optimizer", "sgd", "--sgd-momentum", "0")
+LR = 0.1
 
 
 def synthetic_samples(vocab: int, num: int, seed: int) -> list[Sample]:
@@ -111,7 +116,7 @@ def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int, flags: li
 
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-                        "--micro-batch-size", str(MICRO_BATCH), "--lr", str(LR), "--use-kl-loss",
+                        "--micro-batch-size", str(MICRO_BATCH), *OPTIMIZER, "--lr", str(LR), "--use-kl-loss",
                         "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--seed", "3", *flags])
     layout = Layout.of_world(cfg.parallel)  # the actor checks that Megatron's groups agree with it
     start = time.perf_counter()

@@ -20,21 +20,24 @@ from pathlib import Path
 
 import torch
 
-from tests.integration.scripts.check_pipeline import synthetic_samples, train_one_step
+from tests.integration.scripts.check_pipeline import LR, OPTIMIZER, synthetic_samples, train_one_step
 from vime_spmd.config import parse_config
 from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
 from vime_spmd.train.megatron import MegatronActor
 
 MICRO_BATCH = 3
+ADAM_LR = 1e-4  # a case that names --optimizer adam (the distributed optimizer shards Adam only)
 
 
 def build(acc, model_dir: str, tp: int, flags: list[str]) -> MegatronActor:
     from transformers import AutoConfig
 
+    # Plain SGD unless the case names its optimizer: why in check_pipeline.OPTIMIZER.
+    optimizer = ["--lr", str(ADAM_LR)] if "--optimizer" in flags else [*OPTIMIZER, "--lr", str(LR)]
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--micro-batch-size", str(MICRO_BATCH),
-                        "--lr", "1e-4", "--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01",
+                        *optimizer, "--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01",
                         "--seed", "3", *flags])
     return MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
 

@@ -30,6 +30,7 @@ from ...batch import Sample, TrainInputs, response_mask
 from ...checkpoint import model_checkpoint
 from ...config import Config
 from ...device import Accelerator
+from ...memory import preallocate_momentum
 from ...micro_batches import plan_micro_batches
 from ...parallel import Layout
 from . import apply_platform_patches, dist_checkpoint
@@ -76,12 +77,17 @@ class MegatronActor:
             )
         with region("optimizer"):  # the fp32 main params of a bf16 model
             self.optimizer = get_megatron_optimizer(
-                MegatronOptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
+                MegatronOptimizerConfig(optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                                        sgd_momentum=o.sgd_momentum, adam_beta1=o.adam_beta1,
+                                        adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
                                         bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
                                         use_distributed_optimizer=o.use_distributed_optimizer),
                 [self.model],
             )
+        for inner in getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer]:
+            if inner.init_state_fn is None and isinstance(inner.optimizer, torch.optim.SGD):
+                # Megatron gives SGD no state initialiser, yet calls it when loading a checkpoint's optimizer state.
+                inner.init_state_fn = preallocate_momentum
         self.scheduler = build_scheduler(self.optimizer, o, cfg.lr_decay_iters)
         if memory is not None:
             # Adam allocates its moments lazily, at the first step(): outside every region, they could never be
