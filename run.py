@@ -10,10 +10,10 @@
 import logging
 import sys
 
-from vime_spmd import failures
 from vime_spmd.config import parse_config
-from vime_spmd.observe import quiet_libraries
-from vime_spmd.watchdog import exit_with_launcher
+from vime_spmd.loop.observe import quiet_libraries
+from vime_spmd.runtime import failures
+from vime_spmd.runtime.watchdog import exit_with_launcher
 
 
 def main() -> int:
@@ -22,7 +22,8 @@ def main() -> int:
     try:
         cfg = parse_config()
         quiet_libraries(cfg.log.verbose)  # before torch, vLLM and transformers are imported (below)
-        from vime_spmd.trainer import prepare, train
+        from vime_spmd.loop.prepare import prepare
+        from vime_spmd.loop.trainer import train
 
         dataset, eval_sets = prepare(cfg)
     except ValueError as e:  # a user mistake, found before any work: one line for the job, no traceback

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 1 benchmarks/_bare_vs_step_worker.py OUT.json REPEATS PROFILE -- RUN_PY_FLAGS...
 
-Builds what a run builds (`trainer.prepare`, `build_colocated`, `RLStep`), then runs REPEATS + 1 rounds (the first
+Builds what a run builds (`prepare`, `build_colocated`, `RLStep`), then runs REPEATS + 1 rounds (the first
 warms up) in one process, each holding:
 
     our step       `RLStep.run`: its record gives the rollout, training and step times
@@ -34,14 +34,14 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from torch.nn.utils.rnn import pad_sequence
 
 from vime_spmd.batch import Sample
-from vime_spmd.build import build_colocated
 from vime_spmd.config import parse_config
-from vime_spmd.device import init_distributed, select_accelerator
-from vime_spmd.metrics import StepTimer
+from vime_spmd.loop.build import build_colocated
+from vime_spmd.loop.metrics import StepTimer
+from vime_spmd.loop.prepare import prepare
+from vime_spmd.loop.step import RLStep
 from vime_spmd.parallel import Layout
 from vime_spmd.rollout.sampling import TRAIN_STREAM, request_seeds
-from vime_spmd.step import RLStep
-from vime_spmd.trainer import prepare
+from vime_spmd.runtime.device import init_distributed, select_accelerator
 
 PROFILE_TOP = 20  # entries per profile, by self time
 

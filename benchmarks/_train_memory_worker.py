@@ -22,8 +22,8 @@ import torch
 
 from vime_spmd.batch import Sample, TrainInputs, response_mask
 from vime_spmd.config import parse_config, validate_training_options
-from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
+from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import load_actor
 
 PROMPT_LEN = 64

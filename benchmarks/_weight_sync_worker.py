@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from vime_spmd.build import build_colocated
 from vime_spmd.config import parse_config
-from vime_spmd.device import init_distributed, select_accelerator
+from vime_spmd.loop.build import build_colocated
 from vime_spmd.parallel import Layout
+from vime_spmd.runtime.device import init_distributed, select_accelerator
 
 _INPUT_SPLIT = ("o_proj.weight", "down_proj.weight")  # split on dim 1 in the engine; other matrices on dim 0
 

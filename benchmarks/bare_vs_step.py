@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vime_spmd.metrics import untimed_share  # noqa: E402 (after the path: the driver runs as a script)
+from vime_spmd.loop.metrics import untimed_share  # noqa: E402 (after the path: the driver runs as a script)
 
 # The demo's flags (Makefile `demo`) but: the default --entropy-coef 0 (case tiny+ent: the demo's 0.01); lr 1e-30: the
 # optimizer does all its work and no weight moves, so that the bare rollout can run before or after our step and

@@ -5,7 +5,7 @@
     # here, as a dry run of everything but the device:
     .venv/bin/torchrun --nproc_per_node 1 benchmarks/device_colocate_check.py --shape tiny --device cpu
 
-It runs the product's own loop (`vime_spmd.trainer.train`) and observes it from outside:
+It runs the product's own loop (`vime_spmd.loop.trainer.train`) and observes it from outside:
 - the device memory free at every transition (`memory/free_*_gib`, recorded by the step) and, from them, the
   share of the trainer's memory that its pause returns;
 - that the trainer's parameters and optimizer state are bit-identical after pause/resume (checksums of the
@@ -63,7 +63,8 @@ def trainer_state(actor) -> list[torch.Tensor]:
 
 def instrument(observed: dict) -> None:
     """Wrap the memory transitions and the sync to observe them (no product code changes)."""
-    from vime_spmd import memory, sync
+    from vime_spmd.runtime import memory
+    from vime_spmd.sync.weight_sync import weight_sync as sync
     from vime_spmd.train.megatron import MegatronActor
 
     actors = []
@@ -132,7 +133,8 @@ def main() -> None:
         time.sleep(1)
 
     from vime_spmd.config import parse_config
-    from vime_spmd.trainer import prepare, train
+    from vime_spmd.loop.prepare import prepare
+    from vime_spmd.loop.trainer import train
 
     observed: dict = {}
     instrument(observed)

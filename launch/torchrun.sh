@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One node: set the platform's environment (python -m vime_spmd.launch_env prints each variable with its reason),
+# One node: set the platform's environment (python -m vime_spmd.runtime.launch_env prints each variable with its reason),
 # then start one rank per device with torchrun.
 #
 #   launch/torchrun.sh --hf-checkpoint /models/Qwen3-4B --prompt-data prompts.jsonl ...   # run.py flags
@@ -19,10 +19,10 @@ DEVICE="${DEVICE:-auto}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # An assignment, so that a failure (say, no preload library on Ascend) stops here instead of running without it.
-ENV_LINES="$("$PYTHON" -m vime_spmd.launch_env --device "$DEVICE")"
+ENV_LINES="$("$PYTHON" -m vime_spmd.runtime.launch_env --device "$DEVICE")"
 echo "$ENV_LINES" >&2
 eval "$ENV_LINES"
-NPROC="${NPROC_PER_NODE:-$("$PYTHON" -m vime_spmd.launch_env --device "$DEVICE" --count)}"
+NPROC="${NPROC_PER_NODE:-$("$PYTHON" -m vime_spmd.runtime.launch_env --device "$DEVICE" --count)}"
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${STOP_TIMEOUT_S:-900}" \

@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 
 from tests.conftest import ROOT, read_metrics, run_ranks
-from vime_spmd.evaluation import pass_at_k
+from vime_spmd.loop.evaluation import pass_at_k
 
 pytestmark = pytest.mark.integration
 

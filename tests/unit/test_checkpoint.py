@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from vime_spmd import checkpoint
+from vime_spmd.loop import checkpoint
 from vime_spmd.parallel import Layout
 
 
@@ -188,7 +188,7 @@ def test_a_checkpoint_missing_a_file_is_refused_before_any_work(world, tmp_path)
 FULL_DISK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from tests.unit.test_checkpoint import FakeActor, FakeData
-from vime_spmd import checkpoint
+from vime_spmd.loop import checkpoint
 from vime_spmd.parallel import Layout
 root, store = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vime_spmd import checkpoint
 from vime_spmd.config import parse_config
-from vime_spmd.trainer import prepare
+from vime_spmd.loop import checkpoint
+from vime_spmd.loop.prepare import prepare
 
 GOOD_RECORDS = [{"prompt": "write a", "label": "a"}, {"prompt": "write b", "label": "b"}]
 

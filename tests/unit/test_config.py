@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from vime_spmd.checks import check_ranges
 from vime_spmd.config import build_parser, parse_config, validate
+from vime_spmd.config.checks import check_ranges
 
 # Flags a vime/slime user types; renaming one breaks their scripts.
 SLIME_FLAGS = {

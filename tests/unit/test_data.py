@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vime_spmd.data import PromptDataset
+from vime_spmd.data.prompts import PromptDataset
 from vime_spmd.tools.make_tiny_model import build_tokenizer
 
 # Metadata keys differ between records: parquet stores them as one struct column with the union of the keys.
@@ -114,7 +114,7 @@ def test_skip_bad_records_skips_and_counts_them(tokenizer, tmp_path, caplog):
     bad = ['not json', {"prompt": 5}, {"prompt": "q", "metadata": "x"}, {"prompt": "", "label": "a"}, '"a string"',
            {"prompt": "no label"}]
     path = write_jsonl(tmp_path / "p.jsonl", [RECORDS[0], *bad, RECORDS[1]])
-    with caplog.at_level(logging.WARNING, logger="vime_spmd.data"):
+    with caplog.at_level(logging.WARNING, logger="vime_spmd.data.prompts"):
         data = PromptDataset(str(path), tokenizer, skip_bad_records=True)
     assert data.num_skipped_bad == 6
     assert [p.label for p in data.prompts] == ["0", "2"]
@@ -135,7 +135,7 @@ def test_too_long_prompts_are_dropped_with_a_count(tokenizer, tmp_path, caplog):
     path = write_jsonl(tmp_path / "p.jsonl", records)
     limit = 10
     assert len(ids(tokenizer, "one two")) <= limit < len(ids(tokenizer, "one two " * 40))
-    with caplog.at_level(logging.WARNING, logger="vime_spmd.data"):
+    with caplog.at_level(logging.WARNING, logger="vime_spmd.data.prompts"):
         data = PromptDataset(str(path), tokenizer, max_prompt_len=limit)
     assert data.num_dropped_too_long == 2
     assert [p.label for p in data.prompts] == ["a", "c"]

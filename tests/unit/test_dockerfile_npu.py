@@ -7,7 +7,7 @@ import re
 import tomllib
 from pathlib import Path
 
-from vime_spmd.launch_env import platform_env
+from vime_spmd.runtime.launch_env import platform_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "docker" / "Dockerfile.npu").read_text()

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vime_spmd.sync.weights import EngineTensor, apply_write
 from vime_spmd.tools.make_tiny_model import build_model, parse_args
 from vime_spmd.train.megatron.families import FAMILIES
-from vime_spmd.weights import EngineTensor, apply_write
 
 VLLM_VOCAB_PADDING = 64
 
@@ -114,7 +114,7 @@ def _plan_and_specs(train_tp: int, engine_tp: int, vocab: int = 256):
 
 
 def test_collective_gathers_nothing_when_the_layouts_line_up():
-    from vime_spmd.sync import own_piece_suffices
+    from vime_spmd.sync.weight_sync import own_piece_suffices
 
     plan, specs, writes_of = _plan_and_specs(train_tp=2, engine_tp=2)
     # 2 ranks: rank r is training TP rank r and engine rank r. Vocabulary 256: both sides split it at row 128.
@@ -129,7 +129,7 @@ def test_collective_gathers_nothing_when_the_layouts_line_up():
 
 
 def test_collective_gathers_what_another_rank_needs():
-    from vime_spmd.sync import own_piece_suffices
+    from vime_spmd.sync.weight_sync import own_piece_suffices
 
     plan, specs, writes_of = _plan_and_specs(train_tp=2, engine_tp=1)
     # Engines of TP 1 need every piece: nothing is local.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vime_spmd.config import parse_config, validate
-from vime_spmd.evaluation import engine_share, is_eval_step, load_eval_sets, pass_at_k, pass_ks, set_metrics
+from vime_spmd.loop.evaluation import engine_share, is_eval_step, load_eval_sets, pass_at_k, pass_ks, set_metrics
 from vime_spmd.parallel import Layout
 from vime_spmd.rollout.sampling import eval_sampling, request_seeds, training_sampling
 

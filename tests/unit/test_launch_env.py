@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vime_spmd.launch_env import (
+from vime_spmd.runtime.launch_env import (
     HCCL_CONNECT_TIMEOUT_S,
     export_lines,
     find_preload_library,
@@ -49,7 +49,7 @@ def test_cuda_and_cpu_get_no_ascend_variables():
 
 
 def test_npu_without_the_preload_library_says_what_to_install(monkeypatch):
-    monkeypatch.setattr("vime_spmd.launch_env.find_preload_library", lambda: None)
+    monkeypatch.setattr("vime_spmd.runtime.launch_env.find_preload_library", lambda: None)
     with pytest.raises(ValueError, match="Ascend build of torch_memory_saver"):
         platform_env("npu")
 

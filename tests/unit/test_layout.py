@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vime_spmd.device import resolve_kind
 from vime_spmd.parallel import Layout
+from vime_spmd.runtime.device import resolve_kind
 
 
 def layouts(world: int, tp: int, engine: int) -> list[Layout]:

@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from vime_spmd.device import Accelerator
-from vime_spmd.memory import (
+from vime_spmd.runtime.device import Accelerator
+from vime_spmd.runtime.memory import (
     ENGINE_SLEEP_LEVEL,
     FREE_MEMORY_KEYS,
     GIB,
@@ -246,10 +246,10 @@ def test_buckets_load_within_one_wake_but_not_after_the_kv_cache_woke():
 
 
 def test_cpu_transitions_are_noops_with_one_info_line_and_keep_the_order(caplog):
-    with caplog.at_level(logging.INFO, logger="vime_spmd.memory"):
+    with caplog.at_level(logging.INFO, logger="vime_spmd.runtime.memory"):
         memory, device, log, engine = started(kind="cpu")
         record = run_step(memory, device)
-    lines = [r for r in caplog.records if r.name == "vime_spmd.memory"]
+    lines = [r for r in caplog.records if r.name == "vime_spmd.runtime.memory"]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO and "CPU" in lines[0].getMessage()
     assert log == ["engine:load"]          # no pause, resume, sleep or wake reached the owners; the sync did
     assert record == {}                    # no device memory to report
@@ -307,7 +307,7 @@ def test_saver_gets_the_margin_and_keeps_host_backups_when_it_supports_them(capl
     full = Full()
     configure_saver(full, 123)
     assert (full.memory_margin_bytes, full.retain_cpu_backup) == (123, True)
-    with caplog.at_level(logging.INFO, logger="vime_spmd.memory"):
+    with caplog.at_level(logging.INFO, logger="vime_spmd.runtime.memory"):
         configure_saver(Bare(), 123)
     assert len(caplog.records) == 2  # says which of the two it cannot do
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vime_spmd.metrics import TIMING_KEYS, untimed_share
+from vime_spmd.loop.metrics import TIMING_KEYS, untimed_share
 
 
 def test_untimed_share_is_what_the_phases_leave_of_the_step() -> None:

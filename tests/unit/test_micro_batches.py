@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vime_spmd.config import parse_config, validate
-from vime_spmd.micro_batches import padding_tokens, plan_micro_batches
+from vime_spmd.train.micro_batches import padding_tokens, plan_micro_batches
 
 
 def cost(lengths: list[int], group: list[int]) -> int:

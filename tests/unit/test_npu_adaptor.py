@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import vime_spmd.train.megatron as backend
-from vime_spmd.device import Accelerator
+from vime_spmd.runtime.device import Accelerator
 from vime_spmd.train.megatron import npu_adaptor
 
 FAKE_ADAPTOR = """

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import ROOT
 from vime_spmd.config import parse_config, validate
-from vime_spmd.metrics import TIMING_KEYS
-from vime_spmd.observe import Progress, format_eval_line
+from vime_spmd.loop.metrics import TIMING_KEYS
+from vime_spmd.loop.observe import Progress, format_eval_line
 
 
 def record(step: int, reward: float = 0.5, step_time: float = 2.0) -> dict:
@@ -75,13 +75,13 @@ def test_a_missing_dashboard_package_names_the_extra(monkeypatch, flag, package)
 def test_libraries_are_quiet_unless_verbose():
     """A library's warning and INFO line are hidden by default and shown with --verbose."""
     script = ("import logging, sys, warnings\n"
-              "from vime_spmd.observe import quiet_libraries\n"
+              "from vime_spmd.loop.observe import quiet_libraries\n"
               "logging.basicConfig(level=logging.INFO)\n"
               "quiet_libraries(verbose=sys.argv[1] == 'verbose')\n"
               "logging.getLogger('vllm.engine').info('per-call line')\n"
               "logging.getLogger('megatron.core').warning('megatron warning')\n"
               "warnings.warn_explicit('lib warning', UserWarning, 'x.py', 1, module='megatron.core')\n"
-              "logging.getLogger('vime_spmd.trainer').info('our line')\n")
+              "logging.getLogger('vime_spmd.loop.trainer').info('our line')\n")
     quiet, verbose = (subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True, text=True)
                       for mode in ("quiet", "verbose"))
     assert "our line" in quiet.stderr and "our line" in verbose.stderr

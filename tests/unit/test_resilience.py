@@ -16,8 +16,8 @@ import pytest
 import torch.distributed as dist
 
 from tests.conftest import free_port
-from vime_spmd import failures, signals
-from vime_spmd.watchdog import Watchdog
+from vime_spmd.runtime import failures, signals
+from vime_spmd.runtime.watchdog import Watchdog
 
 
 class Exited(BaseException):

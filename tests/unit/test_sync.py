@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vime_spmd.sync import buckets, sync_weights
+from vime_spmd.sync.weight_sync import buckets, sync_weights
 
 
 def named(*numels: int) -> list[tuple[str, torch.Tensor]]:
@@ -59,13 +59,13 @@ def test_non_positive_buffer_is_refused():
     ("shm", "npu", True, "shm"),
 ])
 def test_transport_choice(requested, device, one_node, expected):
-    from vime_spmd.sync import choose_transport
+    from vime_spmd.sync.weight_sync import choose_transport
 
     assert choose_transport(requested, device, one_node) == expected
 
 
 def test_auto_moves_nothing_when_each_rank_is_a_whole_replica():
-    from vime_spmd.sync import choose_transport
+    from vime_spmd.sync.weight_sync import choose_transport
 
     # Training TP 1 and PP 1: every rank already holds every parameter; publishing them to shared memory would
     # only add a copy (benchmark, TP1 into engines of TP2: 0.110 s with shm, 0.040 s without).
@@ -75,14 +75,14 @@ def test_auto_moves_nothing_when_each_rank_is_a_whole_replica():
 
 @pytest.mark.parametrize("device,one_node,why", [("cpu", False, "spans nodes"), ("npu", False, "spans nodes")])
 def test_forcing_shm_where_it_cannot_work_names_the_flag_and_reason(device, one_node, why):
-    from vime_spmd.sync import choose_transport
+    from vime_spmd.sync.weight_sync import choose_transport
 
     with pytest.raises(ValueError, match=f"--weight-sync-transport shm .*{why}"):
         choose_transport("shm", device, one_node)
 
 
 def test_buckets_never_split_a_decoder_layer():
-    from vime_spmd.sync import engine_unit
+    from vime_spmd.sync.weight_sync import engine_unit
 
     stream = [("model.embed_tokens.weight", torch.zeros(10)),
               ("model.layers.0.self_attn.q_proj.weight", torch.zeros(4)),
@@ -106,13 +106,13 @@ def test_buckets_never_split_a_decoder_layer():
     ("reload", "cpu", "reload"),
 ])
 def test_format_choice(requested, device, expected):
-    from vime_spmd.sync import choose_format
+    from vime_spmd.sync.weight_sync import choose_format
 
     assert choose_format(requested, device) == expected
 
 
 def test_unknown_format_names_the_flag_and_the_choices():
-    from vime_spmd.sync import choose_format
+    from vime_spmd.sync.weight_sync import choose_format
 
     with pytest.raises(ValueError, match="--weight-sync-format 'fast': choose one of auto, direct, reload"):
         choose_format("fast", "cpu")
@@ -120,7 +120,7 @@ def test_unknown_format_names_the_flag_and_the_choices():
 
 def test_sync_plan_resolves_the_format_once_from_the_flags():
     from vime_spmd.config import parse_config
-    from vime_spmd.sync import SyncPlan
+    from vime_spmd.sync.weight_sync import SyncPlan
 
     cfg = parse_config(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--weight-sync-transport", "shm",
                         "--update-weight-buffer-size", "4096"])

@@ -23,9 +23,9 @@ import torch
 
 from ..batch import Sample
 from ..config import RolloutConfig
-from ..device import Accelerator
 from ..parallel import Layout
-from ..weights import EngineTensor, Write, apply_write
+from ..runtime.device import Accelerator
+from ..sync.weights import EngineTensor, Write, apply_write
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ import sys
 
 import torch
 
-from .. import checkpoint, failures
 from ..config import parse_config, validate
-from ..device import init_distributed, select_accelerator
+from ..loop import checkpoint
 from ..parallel import Layout
+from ..runtime import failures
+from ..runtime.device import init_distributed, select_accelerator
 
 
 class _NoData:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..config import OBSERVE_EXTRA
-from ..metrics import TIMING_KEYS, is_train_record
+from ..loop.metrics import TIMING_KEYS, is_train_record
 
 PHASE_KEYS = [key for key in TIMING_KEYS if key != "perf/step_time"]
 

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from ..metrics import TIMING_KEYS, is_train_record
+from ..loop.metrics import TIMING_KEYS, is_train_record
 
 
 def load(path: str) -> list[dict]:

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from vime_spmd.config import parse_config
-from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
+from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor, MegatronExport
 from vime_spmd.train.megatron.model import load_hf_state_dict
 from vime_spmd.train.megatron.vocab_parallel import logprobs_and_entropy

@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-from vime_spmd.build import build_colocated
 from vime_spmd.config import parse_config
-from vime_spmd.device import init_distributed, select_accelerator
+from vime_spmd.loop.build import build_colocated
 from vime_spmd.parallel import Layout
+from vime_spmd.runtime.device import init_distributed, select_accelerator
 
 
 def main(model_dir: str, tp: int, engine_tp: int, transport: str, divisible_by: int, out: str) -> None:

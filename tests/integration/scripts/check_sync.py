@@ -8,9 +8,9 @@ import time
 import torch
 
 from vime_spmd.config import parse_config
-from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
-from vime_spmd.sync import SyncPlan, WeightSync
+from vime_spmd.runtime.device import init_distributed, select_accelerator
+from vime_spmd.sync.weight_sync import SyncPlan, WeightSync
 from vime_spmd.train.megatron import MegatronActor, MegatronExport
 
 

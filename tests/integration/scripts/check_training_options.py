@@ -22,8 +22,8 @@ import torch
 
 from tests.integration.scripts.check_pipeline import LR, OPTIMIZER, synthetic_samples, train_one_step
 from vime_spmd.config import parse_config
-from vime_spmd.device import init_distributed, select_accelerator
 from vime_spmd.parallel import Layout
+from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor
 
 MICRO_BATCH = 3

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...device import Accelerator
+from ...runtime.device import Accelerator
 
 if TYPE_CHECKING:
     from .actor import MegatronActor

@@ -27,12 +27,12 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from ...algorithms import ACTOR_LOSS_METRICS, SFT_LOSS_METRICS, actor_loss, sft_loss
 from ...batch import Sample, TrainInputs, response_mask
-from ...checkpoint import model_checkpoint
 from ...config import Config
-from ...device import Accelerator
-from ...memory import preallocate_momentum
-from ...micro_batches import plan_micro_batches
+from ...loop.checkpoint import model_checkpoint
 from ...parallel import Layout
+from ...runtime.device import Accelerator
+from ...runtime.memory import preallocate_momentum
+from ..micro_batches import plan_micro_batches
 from . import apply_platform_patches, dist_checkpoint
 from .families import family_for
 from .model import BuildOptions, build_from_hf, build_gpt_model, own_params

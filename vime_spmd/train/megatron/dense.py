@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from ...weights import EngineTensor, Write
+from ...sync.weights import EngineTensor, Write
 from .model import ModelShape, padded_vocab_size
 
 _LAYER_SIMPLE = {  # Megatron suffix -> (HF suffix, TP split dim or None when replicated)

@@ -9,7 +9,7 @@ all differ. The state dict has the shape Megatron-LM gives its checkpoints ("mod
 Megatron's local layer spec).
 
 Only the sharded state lives here; the folder layout, the atomic rename, data position and RNG states are
-`vime_spmd.checkpoint`'s.
+`vime_spmd.loop.checkpoint`'s.
 """
 
 from __future__ import annotations

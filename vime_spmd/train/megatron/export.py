@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import torch
 from megatron.core import parallel_state
 
-from ...device import Accelerator
 from ...parallel import Layout
-from ...weights import EngineTensor, ParamEntry, Shard, Write
+from ...runtime.device import Accelerator
+from ...sync.weights import EngineTensor, ParamEntry, Shard, Write
 from .families import Family
 from .model import ModelShape, own_params
 

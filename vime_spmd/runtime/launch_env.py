@@ -3,9 +3,9 @@
 Some settings must exist before the process starts (LD_PRELOAD) or before torch / torch_npu / vLLM read them, so
 they are set by the launcher, not by run.py. `launch/torchrun.sh` and `launch/slurm.sbatch` print and apply them:
 
-    python -m vime_spmd.launch_env --device npu     # `export NAME=value  # why` lines, for eval
-    python -m vime_spmd.launch_env --slurm          # torchrun's --nnodes/--node-rank/--master-* from SLURM_*
-    python -m vime_spmd.launch_env --device auto --count   # devices on this node
+    python -m vime_spmd.runtime.launch_env --device npu     # `export NAME=value  # why` lines, for eval
+    python -m vime_spmd.runtime.launch_env --slurm          # torchrun's --nnodes/--node-rank/--master-* from SLURM_*
+    python -m vime_spmd.runtime.launch_env --device auto --count   # devices on this node
 
 CPU needs nothing. Every variable carries the one-line reason it is there.
 """

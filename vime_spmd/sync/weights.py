@@ -17,8 +17,8 @@ from typing import Protocol
 
 import torch
 
-from .device import Accelerator
-from .parallel import Layout
+from ..parallel import Layout
+from ..runtime.device import Accelerator
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 # (global Megatron name, shape, dtype, whether the training TP ranks hold different pieces) of one parameter

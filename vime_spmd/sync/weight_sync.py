@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .parallel import node_identity
+from ..parallel import node_identity
 from .shm import ShmExchange
 from .weights import EngineTensor, NamedTensors, ParamEntry, WeightSource, Write
 

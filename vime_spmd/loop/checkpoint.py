@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .failures import RunError
+from ..runtime.failures import RunError
 
 logger = logging.getLogger(__name__)
 

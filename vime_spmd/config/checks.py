@@ -1,4 +1,4 @@
-"""Input checks that need files or imports, run by `trainer.prepare` before any model or engine work.
+"""Input checks that need files or imports, run by `loop.prepare.prepare` before any model or engine work.
 
 Each raises ValueError naming the flag (or file), the problem and the fix; run.py prints it as one `error:` line.
 Nothing here writes anything that stays: output folders are tested with a probe file that is removed again, and
@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .config import Config
+from . import Config
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -137,8 +137,8 @@ def check_output_dir(path: str, flag: str) -> None:
 
 def check_reward(cfg: Config) -> None:
     """The reward (and the dynamic-sampling filter) load now, so that a typo stops the run before the engines."""
-    from .rewards import RM_TYPES, load_custom_reward
-    from .rollout.filters import load_filter
+    from ..rewards import RM_TYPES, load_custom_reward
+    from ..rollout.filters import load_filter
 
     d = cfg.data
     if d.rm_type not in RM_TYPES:

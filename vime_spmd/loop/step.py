@@ -16,18 +16,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .algorithms import compute_advantages, kl_penalty
-from .algorithms.shaping import overlong_penalty
-from .batch import RolloutBatch, Sample, TrainInputs
-from .config import Config
-from .data import PromptDataset
-from .memory import MemoryManager
+from ..algorithms import compute_advantages, kl_penalty
+from ..algorithms.shaping import overlong_penalty
+from ..batch import RolloutBatch, Sample, TrainInputs
+from ..config import Config
+from ..data.prompts import PromptDataset
+from ..parallel import Layout
+from ..rewards import load_custom_reward, score_batch
+from ..rollout.filters import keep_groups, load_filter
+from ..rollout.sampling import TRAIN_STREAM, request_seeds, rollout_seed
+from ..runtime.memory import MemoryManager
+from ..sync.weight_sync import WeightSync
 from .metrics import StepTimer
-from .parallel import Layout
-from .rewards import load_custom_reward, score_batch
-from .rollout.filters import keep_groups, load_filter
-from .rollout.sampling import TRAIN_STREAM, request_seeds, rollout_seed
-from .sync import WeightSync
 
 TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus",)  # take the KL penalty per token, not summed into the reward
 MAX_PROMPTS_PER_STEP_FACTOR = 10  # dynamic sampling gives up after this many rollout batches in one step
@@ -233,7 +233,7 @@ class SFTStep(RLStep):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from .checks import load_tokenizer
+        from ..config.checks import load_tokenizer
 
         tokenizer = load_tokenizer(self.cfg.model.hf_checkpoint)
         self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch stays unimported until run.py has quieted the libraries (observe.quiet_libraries)
-    from .device import Accelerator
+    from ..runtime.device import Accelerator
 
 # Every step's record holds these keys (docs/architecture.md), whether or not the phase did work on this hardware.
 TIMING_KEYS = (

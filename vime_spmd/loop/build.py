@@ -13,17 +13,17 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..config import Config
+from ..parallel import Layout
+from ..rollout.sampling import max_response_len, rollout_seed, training_sampling
+from ..runtime.device import Accelerator
+from ..runtime.memory import MemoryManager
+from ..sync.weight_sync import SyncPlan, WeightSync
 from . import checkpoint
-from .config import Config
-from .device import Accelerator
-from .memory import MemoryManager
-from .parallel import Layout
-from .rollout.sampling import max_response_len, rollout_seed, training_sampling
-from .sync import SyncPlan, WeightSync
 
 if TYPE_CHECKING:  # megatron and vllm are imported only when building
-    from .rollout.engine import RolloutEngine
-    from .train.megatron import MegatronActor, MegatronExport
+    from ..rollout.engine import RolloutEngine
+    from ..train.megatron import MegatronActor, MegatronExport
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,11 @@ def build_colocated(cfg: Config, acc: Accelerator, layout: Layout, dataset=None)
     restored from the checkpoint before the engine starts."""
     from transformers import AutoConfig
 
-    from .rollout.engine import RolloutEngine
-    from .train.megatron import load_actor
+    from ..rollout.engine import RolloutEngine
+    from ..train.megatron import load_actor
 
     MegatronActor = load_actor(acc)  # noqa: N806 (a class: the platform's megatron patches come first)
-    from .train.megatron import MegatronExport
+    from ..train.megatron import MegatronExport
 
     memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
                            engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)

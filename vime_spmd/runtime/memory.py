@@ -311,7 +311,7 @@ def load_torch_memory_saver(kind: str):
     missing = missing_env(kind)
     if missing:
         logger.warning("launch environment for %s lacks %s: start through launch/torchrun.sh or eval "
-                       "`python -m vime_spmd.launch_env --device %s`", kind,
+                       "`python -m vime_spmd.runtime.launch_env --device %s`", kind,
                        ", ".join(f"{v.name}={v.value}" for v in missing), kind)
     try:
         from torch_memory_saver import torch_memory_saver

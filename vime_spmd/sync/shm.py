@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .device import Accelerator
-from .parallel import Layout
+from ..parallel import Layout
+from ..runtime.device import Accelerator
 from .weights import Shard
 
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import Config, eval_sets
-from .data import PromptDataset
-from .parallel import Layout
-from .rewards import load_custom_reward, score_batch
-from .rollout.sampling import TRAIN_STREAM, eval_sampling, request_seeds, rollout_seed
+from ..config import Config, eval_sets
+from ..data.prompts import PromptDataset
+from ..parallel import Layout
+from ..rewards import load_custom_reward, score_batch
+from ..rollout.sampling import TRAIN_STREAM, eval_sampling, request_seeds, rollout_seed
 
 
 def is_correct(reward: float) -> bool:

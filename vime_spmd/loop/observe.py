@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
-from .config import OBSERVE_EXTRA, Config
+from ..config import OBSERVE_EXTRA, Config
 from .metrics import MetricsLog, format_line, is_sft_record
 
 NOISY_LOGGERS = ("megatron", "vllm", "transformers", "torch", "math_verify")

@@ -1,0 +1,1 @@
+"""The prompt records a run reads (prompts)."""
