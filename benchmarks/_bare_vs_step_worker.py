@@ -40,7 +40,8 @@ from vime_spmd.loop.metrics import StepTimer
 from vime_spmd.loop.prepare import prepare
 from vime_spmd.loop.step import RLStep
 from vime_spmd.parallel import Layout
-from vime_spmd.rollout.sampling import TRAIN_STREAM, request_seeds
+from vime_spmd.rollout.generate import RolloutGenerator, Scorer
+from vime_spmd.rollout.sampling import TRAIN_STREAM, request_seeds, rollout_seed
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 
 PROFILE_TOP = 20  # entries per profile, by self time
@@ -81,7 +82,7 @@ class BareRollout:
     """`LLM.generate` on the engine's own `vllm.LLM`, with the step's prompt ids, SamplingParams and seeds."""
 
     def __init__(self, step: RLStep) -> None:
-        self.step, self.llm, self.sampling = step, step.engine.llm, step.engine.training_sampling
+        self.step, self.llm, self.sampling = step, step.generator.engine.llm, step.generator.engine.training_sampling
 
     def next_requests(self) -> tuple[list[list[int]], list[int]]:
         """The prompt ids and seeds of the step's next rollout (one engine: all of them), leaving the data
@@ -90,7 +91,7 @@ class BareRollout:
         first = dataset.position
         prompts = dataset.next_batch(self.step.cfg.rollout.rollout_batch_size)
         dataset.position = first
-        return [p.prompt_ids for p in prompts], request_seeds(self.step.rollout_seed, TRAIN_STREAM,
+        return [p.prompt_ids for p in prompts], request_seeds(self.step.generator.seed, TRAIN_STREAM,
                                                               range(first, first + len(prompts)))
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> list[list[int]]:
@@ -250,7 +251,8 @@ def main(out: str, repeats: int, profile: bool, run_flags: list[str]) -> None:
         timers.append(TimerWithCpu(acc))
         return timers[-1]
 
-    step = RLStep(cfg, layout, dataset, parts.actor, parts.engine, parts.memory, parts.sync, new_timer)
+    generator = RolloutGenerator(parts.engine, layout, Scorer.of(cfg.data), rollout_seed(cfg))
+    step = RLStep(cfg, layout, dataset, parts.actor, parts.memory, parts.sync, new_timer, generator=generator)
     bare_rollout, bare_training = BareRollout(step), BareTraining(parts.actor)
     rounds = [measure_round(i, step, timers, bare_rollout, bare_training) for i in range(repeats + 1)]  # 0: warm-up
     result = {"world_size": layout.world_size, "torch_threads": torch.get_num_threads(),

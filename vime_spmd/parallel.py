@@ -80,9 +80,11 @@ class Layout:
         return self.engine_rank == 0
 
     def engine_slice(self, num_items: int) -> slice:
-        """The contiguous share of `num_items` (prompts) that this rank's engine generates."""
-        per_engine = num_items // self.num_engines
-        return slice(self.engine_index * per_engine, (self.engine_index + 1) * per_engine)
+        """The contiguous share of `num_items` (prompts) that this rank's engine generates: equal shares when the
+        engines divide `num_items` (a training rollout), else the remainder spread over the first engines (an eval
+        set need not divide); an engine may get none."""
+        e, engines = self.engine_index, self.num_engines
+        return slice(e * num_items // engines, (e + 1) * num_items // engines)
 
     def dp_slice(self, num_items: int) -> slice:
         """The contiguous share of `num_items` (samples of one optimizer step) that this rank trains on."""

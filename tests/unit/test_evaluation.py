@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vime_spmd.config import parse_config, validate
-from vime_spmd.loop.evaluation import engine_share, is_eval_step, load_eval_sets, pass_at_k, pass_ks, set_metrics
+from vime_spmd.loop.evaluation import is_eval_step, load_eval_sets, pass_at_k, pass_ks, set_metrics
 from vime_spmd.parallel import Layout
 from vime_spmd.rollout.sampling import eval_sampling, request_seeds, training_sampling
 
@@ -52,10 +52,10 @@ def test_dapo_wrong_answers_are_not_correct():
 
 def test_eval_prompts_split_over_engines_without_loss():
     # 5 prompts over 2 engines of 1 rank: 2 and 3; over one engine of 2 ranks: both ranks take all 5.
-    shares = [engine_share(5, Layout(rank, 2, tp_size=1, engine_size=1)) for rank in range(2)]
+    shares = [Layout(rank, 2, tp_size=1, engine_size=1).engine_slice(5) for rank in range(2)]
     assert [(s.start, s.stop) for s in shares] == [(0, 2), (2, 5)]
-    assert engine_share(5, Layout(1, 2, tp_size=1, engine_size=2)) == slice(0, 5)
-    assert engine_share(1, Layout(0, 2, tp_size=1, engine_size=1)) == slice(0, 0)  # an engine may get none
+    assert Layout(1, 2, tp_size=1, engine_size=2).engine_slice(5) == slice(0, 5)
+    assert Layout(0, 2, tp_size=1, engine_size=1).engine_slice(1) == slice(0, 0)  # an engine may get none
 
 
 def test_eval_steps_are_every_interval_and_the_last():

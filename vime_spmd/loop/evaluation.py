@@ -18,13 +18,10 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import torch
-
 from ..config import Config, eval_sets
 from ..data.prompts import PromptDataset
-from ..parallel import Layout
-from ..rewards import load_custom_reward, score_batch
-from ..rollout.sampling import TRAIN_STREAM, eval_sampling, request_seeds, rollout_seed
+from ..rollout.generate import RolloutGenerator
+from ..rollout.sampling import TRAIN_STREAM, eval_sampling
 
 
 def is_correct(reward: float) -> bool:
@@ -65,13 +62,6 @@ def is_eval_step(step: int, interval: int | None, last_step: int) -> bool:
     return step == last_step or (interval is not None and step % interval == 0)
 
 
-def engine_share(num_items: int, layout: Layout) -> slice:
-    """This rank's engine's contiguous share of `num_items`, remainder spread over the first engines (an eval set
-    need not divide by the number of engines)."""
-    e, engines = layout.engine_index, layout.num_engines
-    return slice(e * num_items // engines, (e + 1) * num_items // engines)
-
-
 @dataclass
 class EvalSet:
     name: str
@@ -94,12 +84,9 @@ def load_eval_sets(cfg: Config, tokenizer) -> list[EvalSet]:
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, layout: Layout, engine, sets: list[EvalSet]) -> None:
-        self.cfg, self.layout, self.engine, self.sets = cfg, layout, engine, sets
+    def __init__(self, cfg: Config, generator: RolloutGenerator, sets: list[EvalSet]) -> None:
+        self.cfg, self.generator, self.sets = cfg, generator, sets
         self.sampling = eval_sampling(cfg)
-        self.seed = rollout_seed(cfg)
-        path = cfg.data.custom_rm_path
-        self.custom_reward = load_custom_reward(path) if path else None
 
     def due(self, step: int) -> bool:
         return is_eval_step(step, self.cfg.eval.eval_interval, self.cfg.train.num_rollout)
@@ -112,32 +99,13 @@ class Evaluator:
         n = self.sampling["n"]
         for k, eval_set in enumerate(self.sets):
             prompts = eval_set.dataset.prompts
-            scored = self.generate(prompts, stream=TRAIN_STREAM + 1 + k)
-            rewards = [[reward for reward, _, _ in scored[i * n : (i + 1) * n]] for i in range(len(prompts))]
-            record.update(set_metrics(eval_set.name, rewards, [length for _, length, _ in scored],
-                                      [truncated for _, _, truncated in scored]))
+            samples = self.generator.run(prompts, stream=TRAIN_STREAM + 1 + k, sampling=self.sampling).samples
+            rewards = [[s.raw_reward for s in samples[i * n : (i + 1) * n]] for i in range(len(prompts))]
+            record.update(set_metrics(eval_set.name, rewards, [len(s.response_ids) for s in samples],
+                                      [s.truncated for s in samples]))
             sample_records += [{"step": step, "set": eval_set.name, "source": prompts[i // n].source,
-                                "prompt_index": i // n, "sample_index": i % n, "reward": reward,
-                                "response_len": length, "truncated": truncated}
-                               for i, (reward, length, truncated) in enumerate(scored)]
+                                "prompt_index": i // n, "sample_index": i % n, "reward": s.raw_reward,
+                                "response_len": len(s.response_ids), "truncated": s.truncated}
+                               for i, s in enumerate(samples)]
         record["perf/eval_time"] = time.perf_counter() - start
         return record, sample_records
-
-    def generate(self, prompts: list, stream: int) -> list[tuple[float, int, bool]]:
-        """(reward, response length, truncated) of every prompt's samples, in prompt order, on every rank: each
-        engine generates and scores its share; only these numbers travel."""
-        d, n = self.cfg.data, self.sampling["n"]
-        share = engine_share(len(prompts), self.layout)
-        mine = prompts[share]
-        seeds = request_seeds(self.seed, stream, range(share.start, share.stop))
-        # An engine with no prompts still calls generate: vLLM's data-parallel engines step together (each step
-        # all-reduces whether any engine has work left), so skipping the call would hang the others.
-        samples = self.engine.generate([p.prompt_ids for p in mine], [p.label for p in mine], seeds,
-                                       self.sampling)
-        scores, _ = score_batch([s.response_text for s in samples], [s.label for s in samples], d.rm_type,
-                                metadata=[mine[i // n].metadata for i in range(len(samples))],
-                                custom_fn=self.custom_reward, timeout_s=d.reward_timeout_s)
-        scored = [(score, len(s.response_ids), s.truncated) for s, score in zip(samples, scores)]
-        gathered: list = [None] * self.layout.world_size
-        torch.distributed.all_gather_object(gathered, scored if self.layout.is_engine_leader else None)
-        return [item for part in gathered if part is not None for item in part]

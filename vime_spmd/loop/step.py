@@ -1,11 +1,12 @@
-"""One colocated RL step, as named phases with stable timing keys (docs/architecture.md).
+"""One colocated step, as named phases with stable timing keys (docs/architecture.md).
 
     rollout -> engine sleeps -> trainer wakes -> reference logprobs -> actor train
             -> trainer sleeps -> engine wakes weights -> weights sync -> engine wakes KV cache
 
-Every rank runs the same phases. Each engine generates its share of the prompts; the scored samples are
-gathered so that every rank holds the whole rollout (small: token ids and floats), computes the same
-advantages, and trains on its data-parallel share.
+`Step.run` holds that sequence once; `RLStep` and `SFTStep` are its two kinds (what is collected, how it is trained
+on). Every rank runs the same phases. Each engine generates its share of the prompts; the scored samples are
+gathered so that every rank holds the whole rollout (small: token ids and floats), computes the same advantages,
+and trains on its data-parallel share.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from ..batch import RolloutBatch, Sample, TrainInputs
 from ..config import Config
 from ..data.prompts import PromptDataset
 from ..parallel import Layout
-from ..rewards import load_custom_reward, score_batch
 from ..rollout.filters import keep_groups, load_filter
-from ..rollout.sampling import TRAIN_STREAM, request_seeds, rollout_seed
+from ..rollout.generate import RolloutGenerator
+from ..rollout.sampling import TRAIN_STREAM
 from ..runtime.memory import MemoryManager
 from ..sync.weight_sync import WeightSync
 from .metrics import StepTimer
@@ -33,47 +34,89 @@ TOKEN_LEVEL_ESTIMATORS = ("reinforce_plus_plus",)  # take the KL penalty per tok
 MAX_PROMPTS_PER_STEP_FACTOR = 10  # dynamic sampling gives up after this many rollout batches in one step
 
 
-class RLStep:
-    def __init__(self, cfg: Config, layout: Layout, dataset: PromptDataset, actor, engine,
-                 memory: MemoryManager, sync: WeightSync, timer_factory) -> None:
+class Step:
+    """The phase sequence of every step, RL or supervised: collect the samples while the engine is awake, hand the
+    memory to the trainer, run the trainer's phases, hand it back with the new weights synced into the engine.
+    `RLStep` and `SFTStep` say what is collected, how it is trained on and what is recorded."""
+
+    def __init__(self, cfg: Config, layout: Layout, dataset: PromptDataset, actor, memory: MemoryManager,
+                 sync: WeightSync, timer_factory: Callable[[], StepTimer]) -> None:
         self.cfg, self.layout, self.dataset = cfg, layout, dataset
-        self.actor, self.engine, self.memory, self.sync = actor, engine, memory, sync
+        self.actor, self.memory, self.sync = actor, memory, sync
         self.new_timer = timer_factory
-        d, r = cfg.data, cfg.rollout
-        self.custom_reward = load_custom_reward(d.custom_rm_path) if d.custom_rm_path else None
-        self.group_filter = load_filter(r.dynamic_sampling_filter_path) if r.dynamic_sampling_filter_path else None
-        self.rollout_seed = rollout_seed(cfg)
         self.last_batch: RolloutBatch | None = None  # the latest step's samples, for sample logging
 
     def run(self, step: int) -> dict:
-        timer: StepTimer = self.new_timer()
+        timer = self.new_timer()
         with timer.span("perf/step_time"):
             batch = self.last_batch = self.collect(timer)
-            with timer.span("perf/engine_sleep_time"):
-                self.memory.engine_sleep()
-            with timer.span("perf/train_wake_time"):
-                self.memory.train_wake()
+            self.memory.to_trainer(timer.span)
             train_metrics = self.train_phases(batch, timer)
-            with timer.span("perf/sleep_time"):
-                self.memory.train_sleep()
-            with timer.span("perf/wake_up_time"):
-                self.memory.engine_wake_weights()
-            with timer.span("perf/update_weights_time"):
-                self.sync.update(self.memory)
-            with timer.span("perf/wake_up_time"):
-                self.memory.engine_wake_kv()
+            self.memory.to_engine(self.sync, timer.span)
         record = {"step": step, **timer.times, **self.memory.metrics(), **self.batch_metrics(batch),
                   **train_metrics, "data/position": float(self.dataset.position)}
         self.memory.reset_readings()
         return record
 
+    def prime_engine(self, while_trainer_awake: Callable[[], None] | None = None) -> None:
+        """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint, or
+        when the engine started with dummy weights), through the same hand-offs a step makes; with
+        `while_trainer_awake` (a checkpoint save), call it while the trainer's memory is resumed."""
+        self.memory.to_trainer()
+        if while_trainer_awake is not None:
+            while_trainer_awake()
+        self.memory.to_engine(self.sync)
+        self.memory.reset_readings()  # these readings belong to no step
+
+    def train_inputs(self, batch: RolloutBatch) -> tuple[TrainInputs, list[tuple[slice, float]]]:
+        """This rank's samples and, per optimizer step, the rows (of this rank's samples) it trains on and the
+        loss denominator: tokens (or sequences) of the optimizer step over all data-parallel ranks."""
+        per_token = self.cfg.algorithm.calculate_per_token_loss
+        mask = batch.response_mask()
+        gbs = self.cfg.global_batch_size
+        rows = self.layout.train_rows(len(batch), gbs)
+        per_step = gbs // self.layout.dp_size
+        step_slices = []
+        for k, start in enumerate(range(0, len(batch), gbs)):
+            denominator = mask[start : start + gbs].sum().item() if per_token else float(gbs)
+            step_slices.append((slice(k * per_step, (k + 1) * per_step), denominator))
+        index = torch.tensor(rows)
+        inputs = TrainInputs(samples=[batch.samples[i] for i in rows], batch_rows=rows, response_mask=mask[index],
+                             rollout_logprobs=batch.rollout_logprobs()[index])
+        return inputs, step_slices
+
+    def optimizer_steps(self, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict[str, float]:
+        """One optimizer step per slice of `inputs`; their metrics as `train/` keys, averaged over the steps."""
+        per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
+        return {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
+
     def collect(self, timer: StepTimer) -> RolloutBatch:
         """The step's samples, while the engine is awake."""
+        raise NotImplementedError
+
+    def train_phases(self, batch: RolloutBatch, timer: StepTimer) -> dict[str, float]:
+        """The trainer's phases on `batch`, while it is awake; returns the training metrics."""
+        raise NotImplementedError
+
+    def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class RLStep(Step):
+    """One RL step: a rollout (with dynamic sampling: rounds until enough groups pass the filter), reference and
+    old-policy logprobs, advantages over the whole rollout, and the policy-gradient optimizer steps."""
+
+    def __init__(self, *args, generator: RolloutGenerator, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.generator = generator
+        path = self.cfg.rollout.dynamic_sampling_filter_path
+        self.group_filter = load_filter(path) if path else None
+
+    def collect(self, timer: StepTimer) -> RolloutBatch:
         with timer.span("perf/rollout_time"):
             return self.rollout()
 
-    def train_phases(self, batch: RolloutBatch, timer: StepTimer) -> dict:
-        """The trainer's phases on `batch`, while it is awake; returns the training metrics."""
+    def train_phases(self, batch: RolloutBatch, timer: StepTimer) -> dict[str, float]:
         inputs, step_slices = self.train_inputs(batch)
         with timer.span("perf/ref_logprobs_time"):
             if self.actor.ref_model is not None:
@@ -83,20 +126,6 @@ class RLStep:
 
     def batch_metrics(self, batch: RolloutBatch) -> dict[str, float]:
         return rollout_metrics(batch)
-
-    def prime_engine(self, while_trainer_awake: Callable[[], None] | None = None) -> None:
-        """Load the trainer's current weights into the engine outside a step (after resuming from a checkpoint, or
-        when the engine started with dummy weights), through the same transitions a step uses; with
-        `while_trainer_awake` (a checkpoint save), call it while the trainer's memory is resumed."""
-        self.memory.engine_sleep()
-        self.memory.train_wake()
-        if while_trainer_awake is not None:
-            while_trainer_awake()
-        self.memory.train_sleep()
-        self.memory.engine_wake_weights()
-        self.sync.update(self.memory)
-        self.memory.engine_wake_kv()
-        self.memory.reset_readings()  # these readings belong to no step
 
     # ---- rollout ---------------------------------------------------------------------------------------
 
@@ -124,49 +153,17 @@ class RLStep:
         return RolloutBatch(kept[: wanted * n], n, num_reward_failures=failures, num_dropped_groups=dropped)
 
     def generate_round(self, num_prompts: int) -> RolloutBatch:
-        """Generate and score this engine's share of `num_prompts` prompts, then gather every engine's samples
-        on every rank, in engine order."""
-        r, d = self.cfg.rollout, self.cfg.data
+        """The next `num_prompts` prompts' scored samples (every engine's, on every rank), each prompt's request
+        seeded by its position in the data stream, and their rewards shaped (overlong penalty)."""
+        r = self.cfg.rollout
         first = self.dataset.position
-        prompts = self.dataset.next_batch(num_prompts)
-        share = self.layout.engine_slice(len(prompts))
-        mine = prompts[share]
-        seeds = request_seeds(self.rollout_seed, TRAIN_STREAM, range(first + share.start, first + share.stop))
-        samples = self.engine.generate([p.prompt_ids for p in mine], [p.label for p in mine], seeds)
-        for i, sample in enumerate(samples):
-            sample.metadata = mine[i // r.n_samples_per_prompt].metadata
-        scores, failures = score_batch([s.response_text for s in samples], [s.label for s in samples], d.rm_type,
-                                       metadata=[s.metadata for s in samples], custom_fn=self.custom_reward,
-                                       timeout_s=d.reward_timeout_s)
-        for sample, score in zip(samples, scores):
-            sample.raw_reward = score
-            sample.reward = score + overlong_penalty(len(sample.response_ids), r.rollout_max_response_len,
-                                                     r.overlong_buffer_len, r.overlong_penalty_factor)
-        shared = (samples, failures) if self.layout.is_engine_leader else None
-        gathered: list = [None] * self.layout.world_size
-        torch.distributed.all_gather_object(gathered, shared)
-        parts = [g for g in gathered if g is not None]
-        return RolloutBatch([s for part, _ in parts for s in part], r.n_samples_per_prompt,
-                            num_reward_failures=sum(f for _, f in parts))
+        scored = self.generator.run(self.dataset.next_batch(num_prompts), TRAIN_STREAM, first)
+        for sample in scored.samples:
+            sample.reward = sample.raw_reward + overlong_penalty(len(sample.response_ids), r.rollout_max_response_len,
+                                                                 r.overlong_buffer_len, r.overlong_penalty_factor)
+        return RolloutBatch(scored.samples, r.n_samples_per_prompt, num_reward_failures=scored.num_reward_failures)
 
     # ---- training --------------------------------------------------------------------------------------
-
-    def train_inputs(self, batch: RolloutBatch) -> tuple[TrainInputs, list[tuple[slice, float]]]:
-        """This rank's samples and, per optimizer step, the rows (of this rank's samples) it trains on and the
-        loss denominator: tokens (or sequences) of the optimizer step over all data-parallel ranks."""
-        per_token = self.cfg.algorithm.calculate_per_token_loss
-        mask = batch.response_mask()
-        gbs = self.cfg.global_batch_size
-        rows = self.layout.train_rows(len(batch), gbs)
-        per_step = gbs // self.layout.dp_size
-        step_slices = []
-        for k, start in enumerate(range(0, len(batch), gbs)):
-            denominator = mask[start : start + gbs].sum().item() if per_token else float(gbs)
-            step_slices.append((slice(k * per_step, (k + 1) * per_step), denominator))
-        index = torch.tensor(rows)
-        inputs = TrainInputs(samples=[batch.samples[i] for i in rows], batch_rows=rows, response_mask=mask[index],
-                             rollout_logprobs=batch.rollout_logprobs()[index])
-        return inputs, step_slices
 
     def logprobs(self, inputs: TrainInputs, reference: bool = False) -> torch.Tensor:
         logp = self.actor.compute_logprobs(inputs.samples, reference=reference)
@@ -206,11 +203,6 @@ class RLStep:
         metrics["train/param_norm"] = self.actor.param_norm()
         return metrics
 
-    def optimizer_steps(self, inputs: TrainInputs, step_slices: list[tuple[slice, float]]) -> dict[str, float]:
-        """One optimizer step per slice of `inputs`; their metrics as `train/` keys, averaged over the steps."""
-        per_step = [self.actor.train_step(inputs.rows(rows), denominator) for rows, denominator in step_slices]
-        return {f"train/{k}": statistics.fmean(m[k] for m in per_step) for k in per_step[0]}
-
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     lengths = [len(s.response_ids) for s in batch.samples]
@@ -225,17 +217,14 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
     }
 
 
-class SFTStep(RLStep):
+class SFTStep(Step):
     """One step of supervised fine-tuning (`--loss-type sft`) in the colocated loop: the next
     `--rollout-batch-size` records' responses are the samples (no rollout, no reward), the actor minimises their
     negative log-likelihood (prompt tokens masked), and the new weights reach the engine as after an RL step, so that
     evaluations and `--save-hf` see them. Phases and timing keys are the RL step's; the rollout phase is empty."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, tokenizer, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        from ..config.checks import load_tokenizer
-
-        tokenizer = load_tokenizer(self.cfg.model.hf_checkpoint)
         self.tokenizer, self.eos_id = tokenizer, tokenizer.eos_token_id
 
     def collect(self, timer: StepTimer) -> RolloutBatch:

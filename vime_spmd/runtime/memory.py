@@ -90,6 +90,11 @@ class OrderError(RuntimeError):
     """A memory transition was called out of the order the module docstring states."""
 
 
+@contextlib.contextmanager
+def _untimed(key: str):
+    yield
+
+
 class MemoryManager:
     def __init__(self, acc: Accelerator, *, margin_bytes: int = GIB, engine_sleep_mode: bool = True,
                  saver=None, device=None) -> None:
@@ -239,6 +244,28 @@ class MemoryManager:
         self.engine_state = "awake"
         if self.enabled:
             self._next_before_rollout = self.device.info()[0] / GIB
+
+    # ---- the two hand-offs a step makes, each the transitions above in order ----------------------------------
+
+    def to_trainer(self, span: Callable = _untimed) -> None:
+        """The engine sleeps, then the trainer resumes: after a rollout, before the trainer's phases. `span(key)`
+        times each transition (the step's timer)."""
+        with span("perf/engine_sleep_time"):
+            self.engine_sleep()
+        with span("perf/train_wake_time"):
+            self.train_wake()
+
+    def to_engine(self, sync, span: Callable = _untimed) -> None:
+        """The trainer pauses, the engine wakes its weights, `sync` loads the trainer's into them (`sync.update`),
+        and the engine wakes its KV cache: after the trainer's phases, before the next rollout."""
+        with span("perf/sleep_time"):
+            self.train_sleep()
+        with span("perf/wake_up_time"):
+            self.engine_wake_weights()
+        with span("perf/update_weights_time"):
+            sync.update(self)
+        with span("perf/wake_up_time"):
+            self.engine_wake_kv()
 
     # ---- readings ------------------------------------------------------------------------------------------
 
