@@ -9,6 +9,20 @@ Shapes used throughout:
     rewards        [B]     float, one scalar per sample.
     response_mask  [B, T]  bool or float, 1 on response tokens that are trained on.
     returns        [B, T]  float, 0 wherever response_mask is 0.
+
+The estimators (`compute_advantages`):
+    grpo       (r - group mean) / (group std + 1e-6), the std unbiased (n - 1) as in the GRPO reference code; with
+               normalize_std=False only the mean is removed (Dr. GRPO).
+    gspo       grpo's advantages; GSPO differs only in its sequence-level importance ratio, which lives in the loss.
+    rloo       r_i - the mean of the other n - 1 rewards of the group.
+    reinforce_plus_plus
+               per-token reward -kl (kl already scaled by its coefficient), plus the scalar reward on the last
+               response token; the discounted return with gamma; whitened over every valid token of the batch. No
+               group baseline.
+    reinforce_plus_plus_baseline
+               r - group mean, broadcast to tokens, whitened over every valid token of the batch.
+A group whose rewards are all equal carries no preference signal: the group-baseline estimators (all but
+reinforce_plus_plus) give its tokens exactly 0, never NaN.
 """
 
 from __future__ import annotations
@@ -38,22 +52,11 @@ def compute_advantages(
     kl: Tensor | None = None,
     gamma: float = 1.0,
 ) -> Tensor:
-    """Token-level advantages [B, T] for ``estimator``; 0 where ``response_mask`` is 0.
+    """Token-level advantages [B, T] for ``estimator`` (the module docstring says what each computes); 0 where
+    ``response_mask`` is 0.
 
     Args:
         estimator: one of ``ADVANTAGE_ESTIMATORS``.
-            - "grpo": (r - group mean) / (group std + 1e-6); with
-              ``normalize_std=False`` only the mean is removed (Dr. GRPO).
-              The std is the unbiased (n - 1) sample std, as in the GRPO reference code.
-            - "gspo": same advantages as "grpo"; GSPO differs only in its
-              sequence-level importance ratio, which lives in the loss.
-            - "rloo": r_i - mean of the *other* n - 1 rewards of the group.
-            - "reinforce_plus_plus": per-token reward -kl (kl already scaled by
-              its coefficient), plus the scalar reward on the last response
-              token; discounted return with ``gamma``; whitened over every
-              valid token of the batch. No group baseline.
-            - "reinforce_plus_plus_baseline": r - group mean, broadcast to
-              tokens, whitened over every valid token of the batch.
         rewards: [B] scalar reward per sample.
         group_size: samples per prompt; B must be a multiple of it.
         response_mask: [B, T] bool/float.
@@ -61,10 +64,6 @@ def compute_advantages(
         kl: optional [B, T] per-token KL penalty, used by "reinforce_plus_plus" only
             (the group estimators put their KL term in the loss instead).
         gamma: discount for "reinforce_plus_plus" only.
-
-    A group whose rewards are all equal carries no preference signal, so
-    group-baseline estimators ("grpo", "gspo", "rloo",
-    "reinforce_plus_plus_baseline") give its tokens exactly 0, never NaN.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(

@@ -70,6 +70,17 @@ def aggregate(
     return per_sequence.sum() / (values.shape[0] if denominator is None else denominator)
 
 
+def _tis_weight(old_logprobs: Tensor, rollout_logprobs: Tensor | None, valid: Tensor, tis_clip: float,
+                tis_clip_low: float | None) -> Tensor:
+    """Truncated importance weight [B, T], detached: clamp(exp(old - rollout), tis_clip_low or 0, tis_clip)."""
+    if rollout_logprobs is None:
+        raise ValueError("--tis-clip is set but no rollout log-probs were given; have the rollout engine return "
+                         "log-probs or unset --tis-clip.")
+    weight = torch.exp(old_logprobs - rollout_logprobs).clamp(min=0.0 if tis_clip_low is None else tis_clip_low,
+                                                              max=tis_clip)
+    return torch.where(valid, weight, torch.zeros_like(weight)).detach()
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -114,11 +125,6 @@ def policy_loss(
     eps_clip_high = eps_clip if eps_clip_high is None else eps_clip_high
     if eps_clip_c is not None and eps_clip_c <= 1.0:
         raise ValueError(f"--eps-clip-c must be > 1 for dual clip, got {eps_clip_c}")
-    if tis_clip is not None and rollout_logprobs is None:
-        raise ValueError(
-            "--tis-clip is set but no rollout log-probs were given; have the "
-            "rollout engine return log-probs or unset --tis-clip."
-        )
     valid = mask.to(torch.bool)
 
     log_ratio = torch.where(valid, logprobs - old_logprobs, torch.zeros_like(logprobs))
@@ -138,11 +144,7 @@ def policy_loss(
 
     metrics: dict[str, Tensor] = {}
     if tis_clip is not None:
-        assert rollout_logprobs is not None
-        tis_weight = torch.exp(old_logprobs - rollout_logprobs).clamp(
-            min=0.0 if tis_clip_low is None else tis_clip_low, max=tis_clip
-        )
-        tis_weight = torch.where(valid, tis_weight, torch.zeros_like(tis_weight)).detach()
+        tis_weight = _tis_weight(old_logprobs, rollout_logprobs, valid, tis_clip, tis_clip_low)
         loss = loss * tis_weight
         metrics["tis_weight_mean"] = masked_mean(tis_weight, valid)
 
