@@ -111,7 +111,7 @@ class BareTraining:
     def __init__(self, actor) -> None:
         self.actor, self.model, self.optimizer = actor, actor.model, actor.optimizer
         self.device = actor.acc.torch_device
-        self.local_attention = actor.cfg.train.attention_backend == "local"
+        self.local_attention = actor.spec.build.attention_backend == "local"
 
     def batch(self, samples: list[Sample]) -> dict:
         tokens = pad_sequence([torch.tensor(s.prompt_ids + s.response_ids) for s in samples], batch_first=True)
@@ -138,7 +138,7 @@ class BareTraining:
             micro_batch_size=batches[0]["tokens"].size(0), forward_only=forward_only)
 
     def train(self, samples: list[Sample]) -> float:
-        t = self.actor.cfg.train
+        t = self.actor.spec.micro_batches
         micro = lambda max_tokens: [self.batch([samples[i] for i in g])  # noqa: E731
                                     for g in self.actor.plan(samples, max_tokens)]
 
@@ -153,11 +153,11 @@ class BareTraining:
 
         self.model.eval()
         with torch.no_grad():  # kept, as a loop that used them would keep them
-            self.old_logprobs = self.run_schedule(micro(t.log_probs_max_tokens_per_gpu), logprobs, forward_only=True)
+            self.old_logprobs = self.run_schedule(micro(t.logprob_max_tokens), logprobs, forward_only=True)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = micro(t.max_tokens_per_gpu)
+        batches = micro(t.max_tokens)
         self.run_schedule(batches, loss, forward_only=False)
         num_tokens = sum(b["loss_mask"].sum() for b in batches).int()
         finalize_model_grads([self.model], num_tokens=num_tokens)  # sums over DP, then scales by 1/num_tokens

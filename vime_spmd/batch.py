@@ -77,6 +77,12 @@ class TrainInputs:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
 
+    def columns(self, width: int, device) -> TrainInputs:
+        """The first `width` columns of every tensor, on `device` (a micro-batch as its loss sees it)."""
+        cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
+        return TrainInputs(self.samples, self.batch_rows, cut(self.response_mask), cut(self.rollout_logprobs),
+                           cut(self.advantages), cut(self.old_logprobs), cut(self.ref_logprobs))
+
     def rows(self, index: slice | list[int]) -> TrainInputs:
         """The rows `index` (a slice, or a list of row numbers in the order wanted)."""
         if isinstance(index, list):

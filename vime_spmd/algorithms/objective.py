@@ -11,9 +11,14 @@ every value is this micro-batch's contribution to the step's value (sum them; ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 from torch import Tensor
 
-from ..config import AlgorithmConfig
+from ..batch import TrainInputs
+from ..config import AlgorithmConfig, Config
 from .losses import aggregate, kl_penalty, policy_loss
 
 ACTOR_LOSS_METRICS = ("entropy_loss", "kl_loss", "pg_clipfrac", "pg_loss", "ppo_kl")
@@ -71,3 +76,39 @@ def sft_loss(logprobs: Tensor, entropy: Tensor, mask: Tensor, denominator: float
     entropy_loss = aggregate(entropy, mask, per_token, denominator)
     loss = nll - algo.entropy_coef * entropy_loss
     return loss, {"sft_loss": nll.detach(), "entropy_loss": entropy_loss.detach()}
+
+
+# (logprobs, entropy, the micro-batch's inputs, denominator) -> (loss, metrics); every tensor [B, T], the inputs cut
+# to the logprobs' width and on their device.
+LossFn = Callable[[Tensor, Tensor, TrainInputs, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the actor minimises, as the actor needs it: the loss of a micro-batch and its metrics' keys, the
+    temperature the logprobs are taken at, and whether the entropy takes part in the gradient."""
+
+    loss: LossFn
+    metric_keys: tuple[str, ...]
+    temperature: float
+    entropy_grad: bool  # False: the entropy is only a metric (no entropy bonus)
+
+
+def _rl_loss(algo: AlgorithmConfig, logprobs: Tensor, entropy: Tensor, mb: TrainInputs,
+             denominator: float) -> tuple[Tensor, dict[str, Tensor]]:
+    return actor_loss(logprobs, entropy, mb.old_logprobs, mb.advantages, mb.response_mask, denominator, algo,
+                      ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs)
+
+
+def _sft_loss(algo: AlgorithmConfig, logprobs: Tensor, entropy: Tensor, mb: TrainInputs,
+              denominator: float) -> tuple[Tensor, dict[str, Tensor]]:
+    return sft_loss(logprobs, entropy, mb.response_mask, denominator, algo)
+
+
+def objective_of(cfg: Config) -> Objective:
+    """RL's objective, at the engine's sampling temperature (the logprobs are of what it sampled from), or with
+    --loss-type sft the response's likelihood under the plain model (temperature 1)."""
+    a = cfg.algorithm
+    if cfg.sft:
+        return Objective(partial(_sft_loss, a), SFT_LOSS_METRICS, 1.0, a.entropy_coef != 0)
+    return Objective(partial(_rl_loss, a), ACTOR_LOSS_METRICS, cfg.rollout.rollout_temperature, a.entropy_coef != 0)

@@ -19,6 +19,7 @@ from ..rollout.sampling import max_response_len, rollout_seed, training_sampling
 from ..runtime.device import Accelerator
 from ..runtime.memory import MemoryManager
 from ..sync.weight_sync import SyncPlan, WeightSync
+from ..train.spec import ActorSpec
 from . import checkpoint
 
 if TYPE_CHECKING:  # megatron and vllm are imported only when building
@@ -57,7 +58,8 @@ def build_colocated(cfg: Config, acc: Accelerator, layout: Layout, dataset=None)
 
     memory = MemoryManager(acc, margin_bytes=cfg.train.train_memory_margin_bytes,
                            engine_sleep_mode=cfg.rollout.vllm_enable_sleep_mode)
-    actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint), memory=memory)
+    actor = MegatronActor(ActorSpec.of(cfg), acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint),
+                          memory=memory)
     export = MegatronExport.of(actor)
     start_step = 0
     if cfg.checkpoint.load:

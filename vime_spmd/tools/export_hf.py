@@ -20,6 +20,7 @@ from ..loop import checkpoint
 from ..parallel import Layout
 from ..runtime import failures
 from ..runtime.device import init_distributed, select_accelerator
+from ..train.spec import ActorSpec
 
 
 class _NoData:
@@ -47,7 +48,7 @@ def export(out: str, run_flags: list[str]) -> None:
     from ..train.megatron import MegatronExport
 
     layout = Layout.of_world(cfg.parallel)
-    actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
+    actor = MegatronActor(ActorSpec.of(cfg), acc, layout, AutoConfig.from_pretrained(cfg.model.hf_checkpoint))
     step = checkpoint.load(cfg.checkpoint.load, actor, _NoData(), layout, with_optimizer=False)
     checkpoint.save_hf(out, MegatronExport.of(actor).hf_weights(), cfg.model.hf_checkpoint, step, layout.rank)
     if layout.rank == 0:

@@ -15,6 +15,7 @@ from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor, MegatronExport
 from vime_spmd.train.megatron.model import load_hf_state_dict
 from vime_spmd.train.megatron.vocab_parallel import logprobs_and_entropy
+from vime_spmd.train.spec import ActorSpec
 
 
 def check(acc, model_dir: str, tp: int, divisible_by: int) -> dict | None:
@@ -23,7 +24,7 @@ def check(acc, model_dir: str, tp: int, divisible_by: int) -> dict | None:
 
     cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
                         "--tensor-model-parallel-size", str(tp), "--make-vocab-size-divisible-by", str(divisible_by)])
-    actor = MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
+    actor = MegatronActor(ActorSpec.of(cfg), acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
     vocab = actor.shape.vocab_size
     torch.manual_seed(0)
     tokens = torch.randint(0, vocab, (2, 24))

@@ -21,6 +21,7 @@ from vime_spmd.parallel import Layout
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor, MegatronExport
 from vime_spmd.train.megatron.model import load_hf_state_dict
+from vime_spmd.train.spec import ActorSpec
 
 NUM_SAMPLES = 8  # one optimizer step over all of them
 MICRO_BATCH = 2
@@ -120,7 +121,7 @@ def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int, flags: li
                         "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--seed", "3", *flags])
     layout = Layout.of_world(cfg.parallel)  # the actor checks that Megatron's groups agree with it
     start = time.perf_counter()
-    actor = MegatronActor(cfg, acc, layout, AutoConfig.from_pretrained(model_dir))
+    actor = MegatronActor(ActorSpec.of(cfg), acc, layout, AutoConfig.from_pretrained(model_dir))
     export = MegatronExport.of(actor)
     build_s = time.perf_counter() - start
     samples = synthetic_samples(actor.shape.vocab_size, NUM_SAMPLES, seed=11)

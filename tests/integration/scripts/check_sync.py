@@ -12,6 +12,7 @@ from vime_spmd.parallel import Layout
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.sync.weight_sync import SyncPlan, WeightSync
 from vime_spmd.train.megatron import MegatronActor, MegatronExport
+from vime_spmd.train.spec import ActorSpec
 
 
 class Collect:
@@ -33,7 +34,7 @@ def main(model_dir: str, tp: int, transport: str, out: str) -> None:
     from transformers import AutoConfig
 
     # No engine: `Collect` stands in for it, so the reload format (full HF tensors) is what it receives.
-    actor = MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
+    actor = MegatronActor(ActorSpec.of(cfg), acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
     export = MegatronExport.of(actor)
     sync = WeightSync(export, SyncPlan("reload", transport, buffer_size_bytes=64 << 10))
     mismatches, num_buckets = [], []

@@ -25,6 +25,7 @@ from vime_spmd.config import parse_config
 from vime_spmd.parallel import Layout
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor
+from vime_spmd.train.spec import ActorSpec
 
 MICRO_BATCH = 3
 ADAM_LR = 1e-4  # a case that names --optimizer adam (the distributed optimizer shards Adam only)
@@ -39,7 +40,7 @@ def build(acc, model_dir: str, tp: int, flags: list[str]) -> MegatronActor:
                         "--tensor-model-parallel-size", str(tp), "--micro-batch-size", str(MICRO_BATCH),
                         *optimizer, "--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01",
                         "--seed", "3", *flags])
-    return MegatronActor(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
+    return MegatronActor(ActorSpec.of(cfg), acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
 
 
 def logits_of(acc, model_dir: str, tp: int, backend: str, samples) -> list[torch.Tensor]:

@@ -25,17 +25,16 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from ...algorithms import ACTOR_LOSS_METRICS, SFT_LOSS_METRICS, actor_loss, sft_loss
 from ...batch import Sample, TrainInputs, response_mask
-from ...config import Config
 from ...loop.checkpoint import model_checkpoint
 from ...parallel import Layout
 from ...runtime.device import Accelerator
 from ...runtime.memory import preallocate_momentum
 from ..micro_batches import plan_micro_batches
+from ..spec import ActorSpec
 from . import apply_platform_patches, dist_checkpoint
 from .families import family_for
-from .model import BuildOptions, build_from_hf, build_gpt_model, own_params
+from .model import build_from_hf, build_gpt_model, own_params
 from .schedule import build_scheduler
 from .vocab_parallel import logprobs_and_entropy
 
@@ -43,19 +42,19 @@ logger = logging.getLogger(__name__)
 
 
 class MegatronActor:
-    def __init__(self, cfg: Config, acc: Accelerator, layout: Layout, hf_config, memory=None) -> None:
+    def __init__(self, spec: ActorSpec, acc: Accelerator, layout: Layout, hf_config, memory=None) -> None:
         """`layout`: this rank's place in the training layout (Megatron's groups are built to match it);
         `memory`: the MemoryManager whose regions hold this actor's device memory (None: plain allocation)."""
-        self.cfg, self.acc, self.layout = cfg, acc, layout
+        self.spec, self.acc, self.layout = spec, acc, layout
         apply_platform_patches(acc)  # already applied through load_actor; refuses on NPU if not
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp_size,
                                                  pipeline_model_parallel_size=layout.pp_size)
         megatron_coords = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank(),
                            parallel_state.get_pipeline_model_parallel_rank())
         assert megatron_coords == (layout.tp_rank, layout.dp_rank, layout.pp_rank), (megatron_coords, layout)
-        model_parallel_cuda_manual_seed(cfg.train.seed, inference_rng_tracker=acc.kind == "cpu")
+        model_parallel_cuda_manual_seed(spec.seed, inference_rng_tracker=acc.kind == "cpu")
         self.family = family_for(hf_config)
-        self.shape = self.family.shape_from_hf(hf_config, layout.tp_size, cfg.parallel.make_vocab_size_divisible_by)
+        self.shape = self.family.shape_from_hf(hf_config, layout.tp_size, spec.make_vocab_size_divisible_by)
         self.dtype = torch.float32 if acc.kind == "cpu" else torch.bfloat16
         self.dp_group = parallel_state.get_data_parallel_group()
         self.pp_group = parallel_state.get_pipeline_model_parallel_group()
@@ -64,8 +63,8 @@ class MegatronActor:
         region = memory.region if memory is not None else (lambda tag: nullcontext())
         self.region = region
         with region("params"):
-            model = self._build(cfg.model.hf_checkpoint)
-        o = cfg.optimizer
+            model = self._build(spec.hf_checkpoint)
+        o = spec.optimizer
         # The DDP gradient buffer. A distributed optimizer moves the parameters into a buffer allocated with it: the
         # weights then live there, so it takes the backed-up "params" tag (the gradient buffer with it).
         with region("params" if o.use_distributed_optimizer else "grads"):
@@ -88,24 +87,20 @@ class MegatronActor:
             if inner.init_state_fn is None and isinstance(inner.optimizer, torch.optim.SGD):
                 # Megatron gives SGD no state initialiser, yet calls it when loading a checkpoint's optimizer state.
                 inner.init_state_fn = preallocate_momentum
-        self.scheduler = build_scheduler(self.optimizer, o, cfg.lr_decay_iters)
+        self.scheduler = build_scheduler(self.optimizer, o, spec.lr_decay_iters)
         if memory is not None:
             # Adam allocates its moments lazily, at the first step(): outside every region, they could never be
             # paused. They are allocated now, in the optimizer region (MemoryManager.allocate_optimizer_state).
             memory.allocate_optimizer_state(self.optimizer)
-        needs_ref = cfg.algorithm.use_kl_loss or cfg.algorithm.kl_coef > 0
         with region("ref"):
-            self.ref_model = self._build(cfg.model.ref_load or cfg.model.hf_checkpoint) if needs_ref else None
+            self.ref_model = self._build(spec.reference) if spec.reference else None
         if self.ref_model is not None:
             self.ref_model.eval()
             self.ref_model.requires_grad_(False)
 
     def _build(self, hf_path: str) -> torch.nn.Module:
         """The model with the weights of `hf_path`: an HF folder, or (--ref-load) a torch_dist checkpoint."""
-        t, p = self.cfg.train, self.cfg.parallel
-        options = BuildOptions(t.attention_backend, t.recompute_granularity, t.recompute_method, t.recompute_num_layers,
-                               p.sequence_parallel, p.decoder_first_pipeline_num_layers,
-                               p.decoder_last_pipeline_num_layers)
+        options = self.spec.build
         dist_folder = model_checkpoint(hf_path, "--ref-load")
         if dist_folder is not None:
             model = build_gpt_model(self.shape, self.layout.tp_size, self.dtype, on_cpu=self.acc.kind == "cpu",
@@ -125,7 +120,7 @@ class MegatronActor:
         device = self.acc.torch_device
         lengths = [s.num_tokens for s in samples]
         seq_len = max(lengths)
-        if self.cfg.parallel.sequence_parallel:  # the sequence is split over tensor-parallel ranks
+        if self.spec.build.sequence_parallel:  # the sequence is split over tensor-parallel ranks
             seq_len = -(-seq_len // self.layout.tp_size) * self.layout.tp_size
         tokens = torch.zeros(len(samples), seq_len, dtype=torch.long)
         for i, s in enumerate(samples):
@@ -138,7 +133,7 @@ class MegatronActor:
             start = len(s.prompt_ids) - 1
             index[i, : len(s.response_ids)] = torch.arange(start, start + len(s.response_ids))
         mask = None  # SDPA is causal by itself; Megatron's local attention needs the [s, s] mask (True: hidden)
-        if self.cfg.train.attention_backend == "local":
+        if self.spec.build.attention_backend == "local":
             mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
         return {"tokens": tokens, "labels": torch.roll(tokens, shifts=-1, dims=1),
                 "position_ids": torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens),
@@ -146,8 +141,7 @@ class MegatronActor:
 
     def _response_logprobs(self, logits: torch.Tensor, batch: dict, with_entropy: bool):
         """Response-token logprobs (and entropy) [b, R] from the last stage's logits of a micro-batch."""
-        # The engine samples at --rollout-temperature, so RL's logprobs are taken at it; SFT learns the plain model.
-        temperature = 1.0 if self.cfg.sft else self.cfg.rollout.rollout_temperature
+        temperature = self.spec.objective.temperature
         logp, entropy = logprobs_and_entropy(logits, batch["labels"], temperature,
                                              with_entropy, vocab_size=self.shape.vocab_size)
         pick = lambda t: None if t is None else t.gather(1, batch["index"])  # noqa: E731
@@ -185,13 +179,13 @@ class MegatronActor:
 
     def plan(self, samples: list[Sample], max_tokens: int | None) -> list[list[int]]:
         """Micro-batches of `samples` as lists of indices (micro_batches.py): `--micro-batch-size` samples each, or
-        with `--use-dynamic-batch-size` at most `max_tokens` padded tokens each. Every rank of a pipeline (and of a
-        tensor-parallel group) holds the same samples, so they agree on the plan without a word; data-parallel ranks
-        may differ in their micro-batch count: their gradients meet once per step, in finalize_model_grads."""
-        t = self.cfg.train
-        pad_multiple = self.layout.tp_size if self.cfg.parallel.sequence_parallel else 1
-        return plan_micro_batches([s.num_tokens for s in samples], t.micro_batch_size,
-                                  max_tokens if t.use_dynamic_batch_size else None, pad_multiple)
+        at most `max_tokens` padded tokens each when a budget is given (`MicroBatchSpec`). Every rank of a pipeline
+        (and of a tensor-parallel group) holds the same samples, so they agree on the plan without a word;
+        data-parallel ranks may differ in their micro-batch count: their gradients meet once per step, in
+        finalize_model_grads."""
+        pad_multiple = self.layout.tp_size if self.spec.build.sequence_parallel else 1
+        return plan_micro_batches([s.num_tokens for s in samples], self.spec.micro_batches.micro_batch_size,
+                                  max_tokens, pad_multiple)
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample], reference: bool = False) -> torch.Tensor:
@@ -199,7 +193,7 @@ class MegatronActor:
         model = self.ref_model if reference else self.model
         model.eval()
         width = max(len(s.response_ids) for s in samples)
-        groups = self.plan(samples, self.cfg.train.log_probs_max_tokens_per_gpu)
+        groups = self.plan(samples, self.spec.micro_batches.logprob_max_tokens)
 
         def logprobs(k, batch, logits):
             logp, _ = self._response_logprobs(logits, batch, with_entropy=False)
@@ -225,25 +219,18 @@ class MegatronActor:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         device = self.acc.torch_device
-        micro = [inputs.rows(group) for group in self.plan(inputs.samples, self.cfg.train.max_tokens_per_gpu)]
+        micro = [inputs.rows(group) for group in self.plan(inputs.samples, self.spec.micro_batches.max_tokens)]
         batches = [self._micro_batch(mb.samples) for mb in micro]
 
         def loss_and_metrics(k, batch, logits):
             mb = micro[k]
             logp, entropy = self._response_logprobs(logits, batch, with_entropy=True)
-            if self.cfg.algorithm.entropy_coef == 0:
+            if not self.spec.objective.entropy_grad:
                 # Then only a metric: no backward through it (its share of the gradient, 0 x ..., adds nothing).
                 entropy = entropy.detach()
-            width = logp.size(1)
-            cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
-            mask = cut(mb.response_mask)
-            if self.cfg.sft:
-                loss, metrics = sft_loss(logp, entropy, mask, denominator, self.cfg.algorithm)
-                return loss, mask.sum().int(), metrics
-            loss, metrics = actor_loss(logp, entropy, cut(mb.old_logprobs), cut(mb.advantages), mask, denominator,
-                                       self.cfg.algorithm, ref_logprobs=cut(mb.ref_logprobs),
-                                       rollout_logprobs=cut(mb.rollout_logprobs))
-            return loss, mask.sum().int(), metrics
+            columns = mb.columns(logp.size(1), device)
+            loss, metrics = self.spec.objective.loss(logp, entropy, columns, denominator)
+            return loss, columns.response_mask.sum().int(), metrics
 
         per_micro = self.run_micro_batches(self.model, batches, loss_and_metrics, forward_only=False)
         # Gradients summed over data parallel, and (tied embeddings, stages) over the embedding group.
@@ -263,7 +250,7 @@ class MegatronActor:
         device = self.acc.torch_device
         real = sum(s.num_tokens for mb in micro for s in mb.samples)
         total = sum(b["tokens"].numel() for b in batches)  # as padded, sequence-parallel rounding included
-        keys = SFT_LOSS_METRICS if self.cfg.sft else ACTOR_LOSS_METRICS
+        keys = self.spec.objective.metric_keys
         sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
         if per_micro:  # the last stage
             sums = torch.stack([torch.stack([m[key] for m in per_micro]).double().sum() for key in keys])
@@ -304,7 +291,7 @@ class MegatronActor:
     @property
     def distributed_optimizer(self) -> bool:
         """Whether the optimizer state is sharded over data parallel (its checkpoint keys differ)."""
-        return self.cfg.optimizer.use_distributed_optimizer
+        return self.spec.optimizer.use_distributed_optimizer
 
     def checkpoint_bytes(self, with_optimizer: bool) -> int:
         """About what this rank adds to a checkpoint: its share of the weights (data-parallel replicas are written

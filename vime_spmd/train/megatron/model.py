@@ -22,6 +22,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from ...parallel import pipeline_split
+from ..spec import BuildOptions
 from .attention import SDPACausalAttention
 
 
@@ -51,19 +52,6 @@ class ModelShape:
             if n % tp:
                 raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the model's {n} {what}; "
                                  f"choose a tensor-parallel size that divides it")
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How the model computes, besides its shape; none of these changes the maths (tests compare them to 1e-6)."""
-
-    attention_backend: str = "sdpa"  # sdpa: causal SDPA, no mask; local: Megatron's unfused attention, [s, s] mask
-    recompute_granularity: str | None = None  # full | selective (the core attention) | None
-    recompute_method: str | None = None  # uniform | block, with full granularity
-    recompute_num_layers: int | None = None
-    sequence_parallel: bool = False
-    first_stage_layers: int | None = None  # --decoder-first-pipeline-num-layers
-    last_stage_layers: int | None = None  # --decoder-last-pipeline-num-layers
 
 
 class RMSNorm(torch.nn.RMSNorm):
