@@ -61,6 +61,27 @@ def test_dapo_math_schema_loads_with_default_flags_through_the_chat_template(tok
     assert prompt.metadata == {"solution": "34", "source": "dapo"}
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_verl_format_file_trains_as_it_is_with_dotted_keys(tokenizer, tmp_path, suffix):
+    # verl's layout: chat messages under "prompt", the answer nested under reward_model.ground_truth.
+    records = [{"data_source": "gsm8k", "prompt": [{"role": "user", "content": f"what is {i} plus {i}"}],
+                "reward_model": {"style": "rule", "ground_truth": str(2 * i)},
+                "extra_info": {"split": "train", "index": i}} for i in range(3)]
+    path = tmp_path / f"verl.{suffix}"
+    if suffix == "jsonl":
+        write_jsonl(path, records)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path)
+    data = PromptDataset(str(path), tokenizer, label_key="reward_model.ground_truth", metadata_key="extra_info")
+    assert [p.label for p in data.prompts] == ["0", "2", "4"]
+    assert [p.metadata for p in data.prompts] == [{"split": "train", "index": i} for i in range(3)]
+    rendered = "<|im_start|>user\nwhat is 1 plus 1<|im_end|>\n<|im_start|>assistant\n"
+    assert data.prompts[1].prompt_ids == ids(tokenizer, rendered)
+    # A dotted key that leads nowhere names the key, as a missing top-level key does.
+    with pytest.raises(ValueError, match="no 'reward_model.answer' value"):
+        PromptDataset(str(path), tokenizer, label_key="reward_model.answer")
+
+
 def test_apply_chat_template_renders_string_prompts_too(tokenizer, tmp_path):
     path = str(write_jsonl(tmp_path / "p.jsonl", RECORDS[:1]))
     data = PromptDataset(path, tokenizer, apply_chat_template=True)

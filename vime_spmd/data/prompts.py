@@ -111,24 +111,37 @@ def _without_null_fields(value: object) -> object:
     return value
 
 
+def lookup(record: dict, key: str) -> object:
+    """`record[key]`, or for a dotted key such as `reward_model.ground_truth` (verl's layout) the value nested under
+    it; None when absent. A key that itself holds a dot is taken whole first."""
+    if key in record:
+        return record[key]
+    value: object = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def parse_record(record: object, keys: RecordKeys) -> tuple[str | list[dict], str, dict]:
     """(prompt, label, metadata) of one record. Raises MalformedRecord."""
     if isinstance(record, MalformedRecord):
         raise record
     if not isinstance(record, dict):
         raise MalformedRecord(f"a JSON object is expected, got {type(record).__name__}")
-    if record.get(keys.input_key) is None:
+    prompt = lookup(record, keys.input_key)
+    if prompt is None:
         raise MalformedRecord(f"no {keys.input_key!r} value (the key is set by --input-key); "
                               f"the record's keys are {sorted(record)}")
-    prompt = record[keys.input_key]
     if not (isinstance(prompt, str) or _is_messages(prompt)):
         raise MalformedRecord(f"{keys.input_key!r} must be a string or a non-empty list of "
                               f"{{role, content}} messages with string values, got {type(prompt).__name__}")
-    label = record.get(keys.label_key)
+    label = lookup(record, keys.label_key)
     if label is not None and not isinstance(label, str | int | float):
         raise MalformedRecord(f"{keys.label_key!r} must be a string or a number, got {type(label).__name__}; "
                               f"{keys.label_flag} names its key")
-    metadata = record.get(keys.metadata_key)
+    metadata = lookup(record, keys.metadata_key)
     if metadata is not None and not isinstance(metadata, dict):
         raise MalformedRecord(f"{keys.metadata_key!r} must be an object (a dict), got {type(metadata).__name__}; "
                               "--metadata-key names the key of the custom-reward metadata")
