@@ -98,6 +98,20 @@ def test_a_checkpoint_written_under_tp2_resumes_under_tp1_and_pp2(tiny_model, le
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "latest_checkpointed_iteration.txt"]
 
 
+def test_a_weights_only_checkpoint_keeps_the_schedules_position(tiny_model, letters_data, tmp_path):
+    """--no-save-optim: the resumed optimizer starts afresh, but the learning rate continues where the schedule was
+    (step 3 at EXPECTED_LR[2], not at the schedule's start, 0)."""
+    ckpt = tmp_path / "ckpt"
+    for steps, flags in ((2, ["--save", str(ckpt), "--no-save-optim"]), (3, ["--load", str(ckpt)])):
+        proc = run_ranks(1, ROOT / "run.py", "--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data),
+                         "--num-rollout", str(steps), "--log-dir", str(tmp_path / f"run{steps}"), *flags, *COMMON,
+                         *SCHEDULE)
+        assert proc.returncode == 0
+    assert [r["train/lr"] for r in read_metrics(tmp_path / "run2")] == pytest.approx(EXPECTED_LR[:2], abs=1e-12)
+    (after,) = read_metrics(tmp_path / "run3")
+    assert after["step"] == 3 and after["train/lr"] == pytest.approx(EXPECTED_LR[2], rel=1e-12)
+
+
 def test_a_load_folder_that_is_not_a_checkpoint_is_refused_before_any_work(tiny_model, letters_data, tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("4")
     proc = run_ranks(0, ROOT / "run.py", "--hf-checkpoint", str(tiny_model), "--prompt-data", str(letters_data),

@@ -310,8 +310,7 @@ class MegatronActor:
     def load_checkpoint(self, folder: Path, with_optimizer: bool) -> None:
         """Every rank: load this layout's pieces of a checkpoint written by `save_checkpoint` in any layout."""
         with self.region("optimizer"):  # torch's load_state_dict allocates the state tensors afresh
-            dist_checkpoint.load(folder, self.model.module, self.optimizer if with_optimizer else None,
-                                 self.scheduler if with_optimizer else None)
+            dist_checkpoint.load(folder, self.model.module, self.optimizer if with_optimizer else None, self.scheduler)
 
     def close(self) -> None:
         parallel_state.destroy_model_parallel()

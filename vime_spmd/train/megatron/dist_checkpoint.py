@@ -46,14 +46,16 @@ def _sharded_state(model: torch.nn.Module, optimizer, scheduler, step: int, is_l
     state = {"model": model_sd, "iteration": step, "checkpoint_version": CHECKPOINT_VERSION}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-        # The learning-rate schedule's position: common (unsharded) state, under Megatron-LM's key.
+    if scheduler is not None:
+        # The learning-rate schedule's position: common (unsharded) state, under Megatron-LM's key; saved also without
+        # the optimizer (--no-save-optim), so that a resumed run continues its schedule.
         state["opt_param_scheduler"] = scheduler.state_dict()
     return state
 
 
 def save(folder: str | Path, model: torch.nn.Module, optimizer, scheduler, step: int) -> None:
-    """Every rank calls this: write the model's (and, unless `optimizer` is None, the optimizer's and the learning-rate
-    `scheduler`'s) pieces into the empty `folder`, which every rank can reach."""
+    """Every rank calls this: write the model's pieces (and, unless None, the optimizer's, and the learning-rate
+    `scheduler`'s position) into the empty `folder`, which every rank can reach."""
     _in_process_write_results()
     dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, step, is_loading=False), str(folder),
                             sharded_strategy=BACKEND)
@@ -66,4 +68,5 @@ def load(folder: str | Path, model: torch.nn.Module, optimizer=None, scheduler=N
     model.load_state_dict(state["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in state:  # absent from older weights-only checkpoints
         scheduler.load_state_dict(state["opt_param_scheduler"])
