@@ -117,10 +117,11 @@ class RolloutConfig(Section):
                                          "from it and its prompt's position in the data stream")
 
     def check(self) -> list[str]:
+        """The ranges first; the rules between this section's flags only when those passed (no cascade)."""
         problems = self._ranges()
         if problems:
             return problems
-        if not self.overlong_buffer_len < self.rollout_max_response_len:
+        if not 0 <= self.overlong_buffer_len < self.rollout_max_response_len:
             problems.append(f"--overlong-buffer-len {self.overlong_buffer_len}: must be in [0, "
                             f"--rollout-max-response-len {self.rollout_max_response_len})")
         if self.over_sampling_batch_size is not None and self.dynamic_sampling_filter_path is None:
@@ -140,8 +141,6 @@ class RolloutConfig(Section):
                 *must("--over-sampling-batch-size", self.over_sampling_batch_size,
                       self.over_sampling_batch_size is None or self.over_sampling_batch_size >= 1,
                       "a positive multiple of the engines"),
-                *must("--overlong-buffer-len", self.overlong_buffer_len, self.overlong_buffer_len >= 0,
-                      f"in [0, --rollout-max-response-len {self.rollout_max_response_len})"),
                 *must("--overlong-penalty-factor", self.overlong_penalty_factor, self.overlong_penalty_factor >= 0,
                       ">= 0"),
                 *must("--vllm-kv-cache-bytes", self.vllm_kv_cache_bytes, self.vllm_kv_cache_bytes > 0, "> 0"),
