@@ -52,14 +52,9 @@ def _argument(kind: Any, f: dataclasses.Field) -> dict[str, Any]:
         return kw | {"action": argparse.BooleanOptionalAction}
     if list in (get_origin(t) for t in (kind, *get_args(kind))):  # list[X] or list[X] | None
         item = next(get_args(t)[0] for t in (kind, *get_args(kind)) if get_origin(t) is list)
-        return kw | {"nargs": "+", "type": item} | ({"metavar": f.metadata["metavar"]} if "metavar" in f.metadata
-                                                    else {})
+        return kw | {"nargs": "+", "type": item} | {k: f.metadata[k] for k in ("metavar",) if k in f.metadata}
     kw["type"] = next((t for t in (int, float, str) if t == kind or t | None == kind), str)
-    if f.metadata.get("required"):
-        kw["required"] = True
-    if "choices" in f.metadata:
-        kw["choices"] = f.metadata["choices"]
-    return kw
+    return kw | {k: f.metadata[k] for k in ("required", "choices") if f.metadata.get(k)}
 
 
 def build_parser() -> argparse.ArgumentParser:
