@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vime_spmd.batch import Sample, TrainInputs, response_mask
-from vime_spmd.config import parse_config, validate_training_options
+from vime_spmd.config import parse_and_check
 from vime_spmd.parallel import Layout
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import load_actor
@@ -76,12 +76,12 @@ def main(model_dir: str, backend: str, out: str, mode: str, arg: str) -> None:
     # one thread a step's CPU time is its work, without OpenMP threads spinning while the machine is busy.
     torch.set_num_threads(1)
     dynamic = mode == "throughput" and arg == "dynamic"
-    cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
-                        "--attention-backend", backend, "--micro-batch-size", str(MICRO_BATCH if mode == "throughput"
-                                                                                  else 1),
-                        "--lr", "1e-5", "--seed", "3",
-                        *(["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(TOKEN_BUDGET)] if dynamic else [])])
-    validate_training_options(cfg)
+    cfg = parse_and_check(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
+                           "--attention-backend", backend,
+                           "--micro-batch-size", str(MICRO_BATCH if mode == "throughput" else 1),
+                           "--lr", "1e-5", "--seed", "3",
+                           *(["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(TOKEN_BUDGET)] if dynamic
+                             else [])], world_size=1)
     acc = select_accelerator("cpu")
     init_distributed(acc)
     actor = load_actor(acc)(cfg, acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vime_spmd.config import parse_config, validate
+from vime_spmd.config import check_config, parse_config
 from vime_spmd.loop.evaluation import is_eval_step, load_eval_sets, pass_at_k, pass_ks, set_metrics
 from vime_spmd.parallel import Layout
 from vime_spmd.rollout.sampling import eval_sampling, request_seeds, training_sampling
@@ -89,7 +89,7 @@ def test_sampling_flags_reach_the_engine_and_eval_defaults_to_them():
 def test_eval_prompt_data_takes_name_path_pairs():
     cfg = parse_config(BASE + ["--eval-prompt-data", "aime", "aime.jsonl", "math", "m.parquet"])
     assert cfg.eval.eval_prompt_data == ["aime", "aime.jsonl", "math", "m.parquet"]
-    validate(cfg, 1)
+    check_config(cfg, 1)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -108,7 +108,7 @@ def test_eval_prompt_data_takes_name_path_pairs():
 def test_bad_eval_and_log_flags_are_refused(argv, message):
     cfg = parse_config(BASE + argv)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        validate(cfg, 1)
+        check_config(cfg, 1)
 
 
 def test_a_missing_eval_file_is_named_with_its_set(tmp_path):

@@ -110,9 +110,9 @@ def _config(*flags: str):
 
 @pytest.mark.parametrize("tp, world", [(1, 2), (2, 4), (4, 8), (1, 4)])
 def test_two_pipeline_stages_are_accepted(tp, world):
-    from vime_spmd.config import validate
+    from vime_spmd.config import check_config
 
-    validate(_config("--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", str(tp)), world)
+    check_config(_config("--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", str(tp)), world)
 
 
 @pytest.mark.parametrize("flags, world, message", [
@@ -124,7 +124,7 @@ def test_two_pipeline_stages_are_accepted(tp, world):
     (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "32"], 4, "data-parallel size 2"),
 ])
 def test_bad_pipeline_sizes_are_refused_naming_the_flag(flags, world, message):
-    from vime_spmd.config import validate
+    from vime_spmd.config import check_config
 
     with pytest.raises(ValueError, match=message):
-        validate(_config(*flags), world)
+        check_config(_config(*flags), world)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vime_spmd.config import parse_config, validate
+from vime_spmd.config import check_config, parse_config
 from vime_spmd.train.micro_batches import padding_tokens, plan_micro_batches
 
 
@@ -67,11 +67,11 @@ BASE = ["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", "--rollout-batch-siz
 ])
 def test_token_budget_flags_are_checked(flags, match):
     with pytest.raises(ValueError, match=match):
-        validate(parse_config(BASE + flags), world_size=2)
+        check_config(parse_config(BASE + flags), world_size=2)
 
 
 def test_dynamic_batches_ignore_the_micro_batch_size_and_logprobs_default_to_the_training_budget():
     # 8 samples over 2 ranks: fixed micro-batches of 3 would not divide them, a token budget has no such rule
     cfg = parse_config(BASE + ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096", "--micro-batch-size", "3"])
-    validate(cfg, world_size=2)
+    check_config(cfg, world_size=2)
     assert cfg.train.log_probs_max_tokens_per_gpu == 4096

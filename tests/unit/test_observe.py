@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from vime_spmd.config import parse_config, validate
+from vime_spmd.config import parse_config
+from vime_spmd.config.checks import check_dashboards
 from vime_spmd.loop.metrics import TIMING_KEYS
 from vime_spmd.loop.observe import Progress, format_eval_line
 
@@ -69,7 +70,7 @@ def test_a_missing_dashboard_package_names_the_extra(monkeypatch, flag, package)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     cfg = parse_config(["--hf-checkpoint", "m", "--prompt-data", "p.jsonl", flag])
     with pytest.raises(ValueError, match=rf"{flag} needs the {package} package.*pip install 'vime-spmd\[observe\]'"):
-        validate(cfg, 1)
+        check_dashboards(cfg.log)
 
 
 def test_libraries_are_quiet_unless_verbose():

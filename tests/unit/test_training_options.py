@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from vime_spmd.config import parse_config, validate
+from vime_spmd.config import check_config, parse_config
 from vime_spmd.parallel import pipeline_split
 from vime_spmd.train.megatron.schedule import build_scheduler
 
@@ -116,4 +116,4 @@ def test_impossible_pipeline_split_is_refused_naming_the_flags(layers, pp, first
 def test_inconsistent_training_options_are_refused_with_the_fix(argv, message):
     cfg = parse_config(BASE + argv)  # 10 rollouts of one optimizer step: 10 optimizer steps
     with pytest.raises(ValueError, match=message):
-        validate(cfg, 2)
+        check_config(cfg, 2)

@@ -1,4 +1,5 @@
-"""Input checks that need files or imports, run by `loop.prepare.prepare` before any model or engine work.
+"""Input checks that need files or imports, run by `loop.prepare.prepare` after `check_config` (the config's own
+rules) and before any model or engine work.
 
 Each raises ValueError naming the flag (or file), the problem and the fix; run.py prints it as one `error:` line.
 Nothing here writes anything that stays: output folders are tested with a probe file that is removed again, and
@@ -12,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from . import Config
+from . import OBSERVE_EXTRA, Config, LogConfig
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -20,36 +21,15 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def check_ranges(cfg: Config) -> None:
-    """Numeric flags outside the range where they mean anything (those `config.validate` does not cover)."""
-    o, a, r, p = cfg.optimizer, cfg.algorithm, cfg.rollout, cfg.parallel
-    rules = [
-        ("--lr", o.lr, o.lr > 0, "> 0 (1e-6 is usual for RL on a pretrained model)"),
-        ("--weight-decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
-        ("--adam-beta1", o.adam_beta1, 0 <= o.adam_beta1 < 1, "in [0, 1)"),
-        ("--adam-beta2", o.adam_beta2, 0 <= o.adam_beta2 < 1, "in [0, 1)"),
-        ("--clip-grad", o.clip_grad, o.clip_grad > 0, "> 0"),
-        ("--eps-clip", a.eps_clip, a.eps_clip > 0, "> 0"),
-        ("--eps-clip-high", a.eps_clip_high, a.eps_clip_high is None or a.eps_clip_high > 0, "> 0"),
-        ("--kl-loss-coef", a.kl_loss_coef, a.kl_loss_coef >= 0, ">= 0"),
-        ("--entropy-coef", a.entropy_coef, a.entropy_coef >= 0, ">= 0"),
-        ("--rollout-max-prompt-len", r.rollout_max_prompt_len, r.rollout_max_prompt_len >= 1, ">= 1"),
-        ("--overlong-penalty-factor", r.overlong_penalty_factor, r.overlong_penalty_factor >= 0, ">= 0"),
-        ("--vllm-kv-cache-bytes", r.vllm_kv_cache_bytes, r.vllm_kv_cache_bytes > 0, "> 0"),
-        ("--vllm-gpu-memory-utilization", r.vllm_gpu_memory_utilization,
-         0 < r.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
-        ("--update-weight-buffer-size", p.update_weight_buffer_size, p.update_weight_buffer_size > 0, "> 0 bytes"),
-        ("--make-vocab-size-divisible-by", p.make_vocab_size_divisible_by, p.make_vocab_size_divisible_by >= 1,
-         ">= 1"),
-        ("--hang-timeout-s", cfg.resilience.hang_timeout_s, cfg.resilience.hang_timeout_s > 0, "> 0"),
-        ("--phase-timeout-s", cfg.resilience.phase_timeout_s,
-         cfg.resilience.phase_timeout_s is None or cfg.resilience.phase_timeout_s > 0, "> 0"),
-        ("--train-memory-margin-bytes", cfg.train.train_memory_margin_bytes,
-         cfg.train.train_memory_margin_bytes >= 0, ">= 0"),
-    ]
-    for flag, value, ok, wanted in rules:
-        if not ok:
-            raise ValueError(f"{flag} {value}: must be {wanted}")
+def check_dashboards(g: LogConfig) -> None:
+    """The packages --use-tensorboard and --use-wandb need are installed."""
+    import importlib.util
+
+    for flag, wanted, package in (("--use-tensorboard", g.use_tensorboard, "tensorboard"),
+                                  ("--use-wandb", g.use_wandb, "wandb")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise ValueError(f"{flag} needs the {package} package, which is not installed; install the observe "
+                             f"extra: {OBSERVE_EXTRA}")
 
 
 def check_model_dir(path: str, flag: str, *, tokenizer: bool) -> None:
@@ -137,13 +117,10 @@ def check_output_dir(path: str, flag: str) -> None:
 
 def check_reward(cfg: Config) -> None:
     """The reward (and the dynamic-sampling filter) load now, so that a typo stops the run before the engines."""
-    from ..rewards import RM_TYPES, load_custom_reward
+    from ..rewards import load_custom_reward
     from ..rollout.filters import load_filter
 
     d = cfg.data
-    if d.rm_type not in RM_TYPES:
-        raise ValueError(f"--rm-type {d.rm_type}: not a reward type; choose one of {', '.join(RM_TYPES)} "
-                         "(custom with --custom-rm-path)")
     if d.custom_rm_path:
         check_arity(load_custom_reward(d.custom_rm_path), ("response", "label", "metadata"), "--custom-rm-path",
                     d.custom_rm_path)

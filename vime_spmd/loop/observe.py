@@ -157,7 +157,7 @@ class RunLog:
                 self.sinks.append(TensorBoardSink(g.log_dir))
             if g.use_wandb:
                 self.sinks.append(WandbSink(cfg))
-        except ImportError as e:  # validate() checks first; this covers a broken install
+        except ImportError as e:  # prepare (checks.check_dashboards) checks first; this covers a broken install
             raise RuntimeError(f"{e}; install the observe extra: {OBSERVE_EXTRA}") from e
         self.progress = Progress(cfg.train.num_rollout)
 

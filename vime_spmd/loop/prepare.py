@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import Config, checks, validate
+from ..config import Config, check_config, checks
 from ..data.prompts import PromptDataset
 from ..parallel import pipeline_split
 from . import checkpoint
@@ -17,8 +17,8 @@ def prepare(cfg: Config) -> tuple[PromptDataset, list[EvalSet]]:
     the eval sets. Raises ValueError. Every rank runs the same checks; failures.report prints the first rank's error
     once."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world_size)
-    checks.check_ranges(cfg)
+    check_config(cfg, world_size)
+    checks.check_dashboards(cfg.log)
     checks.check_model_dir(cfg.model.hf_checkpoint, "--hf-checkpoint", tokenizer=True)
     if cfg.model.ref_load:
         if checkpoint.model_checkpoint(cfg.model.ref_load, "--ref-load") is None:  # else a torch_dist checkpoint

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from vime_spmd.config.sections import RM_TYPES  # the --rm-type choices: one list
 from vime_spmd.rewards import dapo, deepscaler, letter
 from vime_spmd.rewards import math as math_reward
 from vime_spmd.rewards.custom import (
@@ -34,7 +35,6 @@ from vime_spmd.rewards.custom import (
     load_custom_reward,
 )
 
-RM_TYPES = ("math", "dapo", "deepscaler", "letter", "custom")
 # Modules, not functions, so tests can monkeypatch ``<module>.score``.
 _BUILTIN_REWARDS: dict[str, ModuleType] = {
     "math": math_reward,

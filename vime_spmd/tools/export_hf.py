@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from ..config import parse_config, validate
+from ..config import check_config, parse_config
 from ..loop import checkpoint
 from ..parallel import Layout
 from ..runtime import failures
@@ -35,7 +35,7 @@ def export(out: str, run_flags: list[str]) -> None:
     if not cfg.checkpoint.load:
         raise ValueError("export_hf needs --load CHECKPOINT_DIR")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world_size)
+    check_config(cfg, world_size)
     if checkpoint.check_loadable(cfg.checkpoint.load) is None:
         raise ValueError(f"--load {cfg.checkpoint.load}: no checkpoint inside to export")
     acc = select_accelerator(cfg.parallel.device)

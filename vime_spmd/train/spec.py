@@ -49,7 +49,6 @@ class ActorSpec:
     def of(cls, cfg: Config) -> ActorSpec:
         t, p, a = cfg.train, cfg.parallel, cfg.algorithm
         needs_reference = a.use_kl_loss or a.kl_coef > 0
-        dynamic = t.use_dynamic_batch_size
         return cls(
             hf_checkpoint=cfg.model.hf_checkpoint,
             reference=(cfg.model.ref_load or cfg.model.hf_checkpoint) if needs_reference else None,
@@ -58,6 +57,6 @@ class ActorSpec:
                                t.recompute_num_layers, p.sequence_parallel, p.decoder_first_pipeline_num_layers,
                                p.decoder_last_pipeline_num_layers),
             optimizer=cfg.optimizer, lr_decay_iters=cfg.lr_decay_iters,
-            micro_batches=MicroBatchSpec(t.micro_batch_size, t.max_tokens_per_gpu if dynamic else None,
-                                         (t.log_probs_max_tokens_per_gpu or t.max_tokens_per_gpu) if dynamic else None),
+            # Resolved by the config: both budgets are None without --use-dynamic-batch-size.
+            micro_batches=MicroBatchSpec(t.micro_batch_size, t.max_tokens_per_gpu, t.log_probs_max_tokens_per_gpu),
             objective=objective_of(cfg))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vime_spmd.batch import Sample, TrainInputs
-from vime_spmd.config import parse_config
+from vime_spmd.config import parse_and_check
 from vime_spmd.parallel import Layout
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor, MegatronExport
@@ -31,6 +31,15 @@ MICRO_BATCH = 2
 # to LR / eps (1e4 at LR 1e-4), which is why a 1e-6 bound through Adam held on one CPU's kernels and not another's.
 OPTIMIZER = ("--optimizer", "sgd", "--sgd-momentum", "0")
 LR = 0.1
+
+
+def checked_config(flags: list[str], micro_batch: int):
+    """The config of these flags, checked as a run's on this world (parse_and_check). The actor reads no rollout
+    size; the one given is one that every layout of the world splits: a multiple of the engines (one per rank) and
+    of the data-parallel ranks x `micro_batch`."""
+    world_size = torch.distributed.get_world_size()
+    return parse_and_check(["--rollout-batch-size", str(world_size * micro_batch), "--micro-batch-size",
+                            str(micro_batch), *flags], world_size)
 
 
 def synthetic_samples(vocab: int, num: int, seed: int) -> list[Sample]:
@@ -115,10 +124,10 @@ def train_one_step(actor, layout: Layout, samples: list[Sample]) -> dict:
 def check(acc, out: Path, case: str, model_dir: str, tp: int, pp: int, flags: list[str]) -> dict:
     from transformers import AutoConfig
 
-    cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
-                        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-                        "--micro-batch-size", str(MICRO_BATCH), *OPTIMIZER, "--lr", str(LR), "--use-kl-loss",
-                        "--kl-loss-coef", "0.1", "--entropy-coef", "0.01", "--seed", "3", *flags])
+    cfg = checked_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
+                          "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+                          *OPTIMIZER, "--lr", str(LR), "--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef",
+                          "0.01", "--seed", "3", *flags], MICRO_BATCH)
     layout = Layout.of_world(cfg.parallel)  # the actor checks that Megatron's groups agree with it
     start = time.perf_counter()
     actor = MegatronActor(ActorSpec.of(cfg), acc, layout, AutoConfig.from_pretrained(model_dir))

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tests.integration.scripts.check_pipeline import LR, OPTIMIZER, synthetic_samples, train_one_step
-from vime_spmd.config import parse_config
+from tests.integration.scripts.check_pipeline import LR, OPTIMIZER, checked_config, synthetic_samples, train_one_step
 from vime_spmd.parallel import Layout
 from vime_spmd.runtime.device import init_distributed, select_accelerator
 from vime_spmd.train.megatron import MegatronActor
@@ -36,10 +35,9 @@ def build(acc, model_dir: str, tp: int, flags: list[str]) -> MegatronActor:
 
     # Plain SGD unless the case names its optimizer: why in check_pipeline.OPTIMIZER.
     optimizer = ["--lr", str(ADAM_LR)] if "--optimizer" in flags else [*OPTIMIZER, "--lr", str(LR)]
-    cfg = parse_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
-                        "--tensor-model-parallel-size", str(tp), "--micro-batch-size", str(MICRO_BATCH),
-                        *optimizer, "--use-kl-loss", "--kl-loss-coef", "0.1", "--entropy-coef", "0.01",
-                        "--seed", "3", *flags])
+    cfg = checked_config(["--hf-checkpoint", model_dir, "--prompt-data", "unused", "--device", "cpu",
+                          "--tensor-model-parallel-size", str(tp), *optimizer, "--use-kl-loss", "--kl-loss-coef",
+                          "0.1", "--entropy-coef", "0.01", "--seed", "3", *flags], MICRO_BATCH)
     return MegatronActor(ActorSpec.of(cfg), acc, Layout.of_world(cfg.parallel), AutoConfig.from_pretrained(model_dir))
 
 
