@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vime_spmd.config import parse_config
+from vime_spmd.config.checks import check_model_dir
 from vime_spmd.loop import checkpoint
 from vime_spmd.loop.prepare import prepare
 
@@ -154,3 +155,19 @@ def test_a_checkpoint_folder_missing_files_is_refused(world_of_one, tiny_model, 
     (folder / checkpoint.MEGATRON_METADATA).write_text("{}")
     (folder / "rng" / "rank_00000.pt").write_bytes(b"")
     assert "lacks 1 of its files (first: rng/rank_00001.pt)" in refused(tiny_model, data, "--load", str(ckpt))
+
+
+def test_an_unsupported_model_type_is_refused_naming_the_supported_ones(tmp_path):
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    with pytest.raises(ValueError, match=r"--hf-checkpoint .*moe: model_type 'qwen3_moe' is not supported; "
+                                         r"supported: llama, qwen2, qwen3$"):
+        check_model_dir(str(model), "--hf-checkpoint", tokenizer=True)
+
+
+def test_the_supported_model_types_are_the_families_the_backend_converts():
+    from vime_spmd.train.megatron import MODEL_TYPES
+    from vime_spmd.train.megatron.families import FAMILIES
+
+    assert sorted(t for f in FAMILIES.values() for t in f.model_types) == list(MODEL_TYPES)

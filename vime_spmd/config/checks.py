@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+from ..train.megatron import MODEL_TYPES
 from . import OBSERVE_EXTRA, Config, LogConfig
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -43,9 +44,12 @@ def check_model_dir(path: str, flag: str, *, tokenizer: bool) -> None:
     if not config.is_file():
         raise ValueError(f"{flag} {folder}: no config.json inside; is it an HF model folder?")
     try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError) as e:
         raise ValueError(f"{flag} {config}: not readable JSON ({e}); restore the model's config.json") from None
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{flag} {folder}: model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(MODEL_TYPES)}")
     weights = sorted(f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern))
     if not weights:
         raise ValueError(f"{flag} {folder}: no weights inside (no *.safetensors or pytorch_model*.bin); "

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from .actor import MegatronActor
     from .export import MegatronExport  # noqa: F401
 
+# The HF `model_type`s the backend converts (families.py serves exactly these; a test holds them equal). Here, where
+# nothing imports megatron, so that the input checks can refuse another type before any work, on NPU too (where
+# megatron must not be imported before MindSpeed's adaptor).
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
 # MindSpeed feature flags for our runs (npu_adaptor.mindspeed_argv); none yet: its basic NPU adaptation.
 MINDSPEED_FLAGS: dict[str, object] = {}
 
