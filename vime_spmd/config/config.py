@@ -103,6 +103,12 @@ class Config:
         if self.sft and given:
             problems.append(f"{', '.join(given)}: RL options; --loss-type sft trains on the records' responses (no "
                             f"rollout, no reference model); drop them or use --loss-type policy_loss")
+        if r.load_debug_rollout_data and (self.sft or self.eval.eval_prompt_data or r.save_debug_rollout_data):
+            given = [flag for flag, on in (("--loss-type sft", self.sft), ("--eval-prompt-data",
+                                           self.eval.eval_prompt_data), ("--save-debug-rollout-data",
+                                           r.save_debug_rollout_data)) if on]
+            problems.append(f"--load-debug-rollout-data with {', '.join(given)}: a replay starts no engine (nothing "
+                            f"to evaluate or record with) and trains RL steps; drop {' and '.join(given)}")
         if a.advantage_estimator == "rloo" and r.n_samples_per_prompt < 2 and not self.sft:
             problems.append("--advantage-estimator rloo needs --n-samples-per-prompt >= 2 (a leave-one-out baseline)")
         warmup = self.optimizer.lr_warmup_iters

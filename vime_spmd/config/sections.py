@@ -115,12 +115,22 @@ class RolloutConfig(Section):
     rollout_stop_token_ids: list[int] | None = opt(None, "token ids that end a response, besides end-of-sequence")
     rollout_seed: int | None = opt(None, "seed of the engines' sampling (default: --seed); each request is seeded "
                                          "from it and its prompt's position in the data stream")
+    save_debug_rollout_data: str | None = opt(None, "write each step's rollout (tokens, masks, engine logprobs, "
+                                                    "rewards) to this path, with {rollout_id} for the step, e.g. "
+                                                    "rollouts/{rollout_id}.pt (rank 0)")
+    load_debug_rollout_data: str | None = opt(None, "train on rollouts written by --save-debug-rollout-data (the "
+                                                    "same {rollout_id} path) instead of generating: no engine starts")
 
     def check(self) -> list[str]:
         """The ranges first; the rules between this section's flags only when those passed (no cascade)."""
         problems = self._ranges()
         if problems:
             return problems
+        for flag, path in (("--save-debug-rollout-data", self.save_debug_rollout_data),
+                           ("--load-debug-rollout-data", self.load_debug_rollout_data)):
+            if path is not None and "{rollout_id}" not in path:
+                problems.append(f"{flag} {path}: the path needs {{rollout_id}}, the step's number (one file per "
+                                "step), e.g. rollouts/{rollout_id}.pt")
         if not 0 <= self.overlong_buffer_len < self.rollout_max_response_len:
             problems.append(f"--overlong-buffer-len {self.overlong_buffer_len}: must be in [0, "
                             f"--rollout-max-response-len {self.rollout_max_response_len})")

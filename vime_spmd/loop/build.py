@@ -34,15 +34,17 @@ class Colocated:
     memory: MemoryManager
     actor: MegatronActor
     export: MegatronExport
-    engine: RolloutEngine
-    sync: WeightSync
+    engine: RolloutEngine | None  # None when replaying recorded rollouts (--load-debug-rollout-data)
+    sync: WeightSync | None
     start_step: int = 0  # the step resumed from (--load), else 0
 
     def close(self) -> None:
         """Megatron's groups first, then the engine (its cleanup destroys torch.distributed's default group)."""
-        self.sync.close()
+        if self.sync is not None:
+            self.sync.close()
         self.actor.close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
 def build_colocated(cfg: Config, acc: Accelerator, layout: Layout, dataset=None) -> Colocated:
@@ -65,6 +67,9 @@ def build_colocated(cfg: Config, acc: Accelerator, layout: Layout, dataset=None)
     if cfg.checkpoint.load:
         assert dataset is not None, "resuming restores the data position: pass the dataset"
         start_step = checkpoint.load(cfg.checkpoint.load, actor, dataset, layout)
+    if cfg.rollout.load_debug_rollout_data:
+        logger.info("replaying the rollouts of %s: no engine", cfg.rollout.load_debug_rollout_data)
+        return Colocated(memory, actor, export, None, None, start_step)
     plan = SyncPlan.from_flags(cfg.parallel, acc.kind)
     # The trainer pauses before the engine starts, so that vLLM sizes its KV cache against what is then free.
     engine = memory.start_engine(

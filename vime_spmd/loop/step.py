@@ -25,6 +25,7 @@ from ..data.prompts import PromptDataset
 from ..parallel import Layout
 from ..rollout.filters import keep_groups, load_filter
 from ..rollout.generate import RolloutGenerator
+from ..rollout.record import load_rollout, save_rollout
 from ..rollout.sampling import TRAIN_STREAM
 from ..runtime.memory import MemoryManager
 from ..sync.weight_sync import WeightSync
@@ -47,6 +48,7 @@ class Step:
         self.last_batch: RolloutBatch | None = None  # the latest step's samples, for sample logging
 
     def run(self, step: int) -> dict:
+        self.step_number = step
         timer = self.new_timer()
         with timer.span("perf/step_time"):
             batch = self.last_batch = self.collect(timer)
@@ -113,8 +115,17 @@ class RLStep(Step):
         self.group_filter = load_filter(path) if path else None
 
     def collect(self, timer: StepTimer) -> RolloutBatch:
+        """The rollout, or with --load-debug-rollout-data the recorded one (and the data position after it); with
+        --save-debug-rollout-data rank 0 records it."""
+        r = self.cfg.rollout
         with timer.span("perf/rollout_time"):
-            return self.rollout()
+            if r.load_debug_rollout_data:
+                batch, self.dataset.position = load_rollout(r.load_debug_rollout_data, self.step_number)
+            else:
+                batch = self.rollout()
+        if r.save_debug_rollout_data and self.layout.rank == 0:
+            save_rollout(r.save_debug_rollout_data, self.step_number, batch, self.dataset.position)
+        return batch
 
     def train_phases(self, batch: RolloutBatch, timer: StepTimer) -> dict[str, float]:
         inputs, step_slices = self.train_inputs(batch)

@@ -249,7 +249,10 @@ class MemoryManager:
 
     def to_trainer(self, span: Callable = _untimed) -> None:
         """The engine sleeps, then the trainer resumes: after a rollout, before the trainer's phases. `span(key)`
-        times each transition (the step's timer)."""
+        times each transition (the step's timer). Without an engine (a replay of recorded rollouts) the trainer keeps
+        its memory throughout: nothing to hand over."""
+        if self.engine is None:
+            return
         with span("perf/engine_sleep_time"):
             self.engine_sleep()
         with span("perf/train_wake_time"):
@@ -257,7 +260,10 @@ class MemoryManager:
 
     def to_engine(self, sync, span: Callable = _untimed) -> None:
         """The trainer pauses, the engine wakes its weights, `sync` loads the trainer's into them (`sync.update`),
-        and the engine wakes its KV cache: after the trainer's phases, before the next rollout."""
+        and the engine wakes its KV cache: after the trainer's phases, before the next rollout. Without an engine,
+        nothing."""
+        if self.engine is None:
+            return
         with span("perf/sleep_time"):
             self.train_sleep()
         with span("perf/wake_up_time"):
