@@ -9,7 +9,7 @@ import pytest
 
 import vime_spmd.train.megatron as backend
 from vime_spmd.runtime.device import Accelerator
-from vime_spmd.train.megatron import npu_adaptor
+from vime_spmd.train.megatron import npu_adaptor, patches
 
 FAKE_ADAPTOR = """
 import sys
@@ -52,7 +52,7 @@ def test_npu_applies_the_adaptor_once_and_hides_our_command_line(fake_mindspeed,
 def test_the_adaptor_sees_exactly_the_feature_flags_we_choose(fake_mindspeed, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["run.py", "--use-kl-loss"])
     flags = {"use_flash_attn": True, "sparse_mode": 2, "use_fused_swiglu": False}
-    monkeypatch.setattr(backend, "MINDSPEED_FLAGS", flags)
+    monkeypatch.setattr(patches, "MINDSPEED_FLAGS", flags)
     backend.apply_platform_patches(Accelerator("npu"))
     assert runs() == [["run.py", "--use-flash-attn", "--sparse-mode", "2"]]  # False: the flag is left out
 
@@ -91,7 +91,7 @@ def test_load_actor_applies_the_patches_before_importing_the_actor(monkeypatch):
     monkeypatch.delitem(sys.modules, actor_module, raising=False)  # as in a fresh process; restored after
     monkeypatch.setattr(backend, "actor", None, raising=False)
     seen = []
-    monkeypatch.setattr(backend, "apply_platform_patches",
+    monkeypatch.setattr(patches, "apply_platform_patches",
                         lambda acc: seen.append((acc.kind, actor_module in sys.modules)))
     actor_class = backend.load_actor(Accelerator("cuda"))
     assert seen == [("cuda", False)]  # patched while the actor (and so megatron, on NPU) was not imported yet

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...runtime.device import Accelerator
+from . import patches
+from .patches import apply_platform_patches
 
 if TYPE_CHECKING:
     from .actor import MegatronActor
@@ -19,26 +21,9 @@ if TYPE_CHECKING:
 # megatron must not be imported before MindSpeed's adaptor).
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
-# MindSpeed feature flags for our runs (npu_adaptor.mindspeed_argv); none yet: its basic NPU adaptation.
-MINDSPEED_FLAGS: dict[str, object] = {}
-
-
-def apply_platform_patches(acc: Accelerator) -> None:
-    """The one place that chooses what megatron-core is patched with on `acc`: MindSpeed's adaptor on NPU (before
-    megatron is imported), our CPU shims on CPU, nothing on CUDA. Idempotent."""
-    if acc.kind == "npu":
-        from .npu_adaptor import apply_mindspeed_adaptor
-
-        apply_mindspeed_adaptor(MINDSPEED_FLAGS)
-    elif acc.kind == "cpu":
-        from .cpu_patches import apply_cpu_patches
-
-        apply_cpu_patches()
-
-
 def load_actor(acc: Accelerator) -> type[MegatronActor]:
     """The actor class, imported after `acc`'s patches were applied (the only order that works on NPU)."""
-    apply_platform_patches(acc)
+    patches.apply_platform_patches(acc)
     from .actor import MegatronActor
 
     return MegatronActor

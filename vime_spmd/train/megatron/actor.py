@@ -32,9 +32,10 @@ from ...runtime.device import Accelerator
 from ...runtime.memory import preallocate_momentum
 from ..micro_batches import plan_micro_batches
 from ..spec import ActorSpec
-from . import apply_platform_patches, dist_checkpoint
+from . import dist_checkpoint
 from .families import family_for
 from .model import build_from_hf, build_gpt_model, own_params
+from .patches import apply_platform_patches
 from .schedule import build_scheduler
 from .vocab_parallel import logprobs_and_entropy
 
