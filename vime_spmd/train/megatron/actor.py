@@ -36,7 +36,7 @@ from . import apply_platform_patches, dist_checkpoint
 from .families import family_for
 from .model import BuildOptions, build_from_hf, build_gpt_model, own_params
 from .schedule import build_scheduler
-from .vocab_parallel import logprobs_and_entropy
+from .vocab_parallel import response_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,8 @@ class MegatronActor:
         """Response-token logprobs (and entropy) [b, R] from the last stage's logits of a micro-batch."""
         # The engine samples at --rollout-temperature, so RL's logprobs are taken at it; SFT learns the plain model.
         temperature = 1.0 if self.cfg.sft else self.cfg.rollout.rollout_temperature
-        logp, entropy = logprobs_and_entropy(logits, batch["labels"], temperature,
-                                             with_entropy, vocab_size=self.shape.vocab_size)
-        pick = lambda t: None if t is None else t.gather(1, batch["index"])  # noqa: E731
-        return pick(logp), pick(entropy)
+        return response_logprobs(logits, batch["labels"], batch["index"], temperature, with_entropy,
+                                 vocab_size=self.shape.vocab_size)
 
     def run_micro_batches(self, model: torch.nn.Module, batches: list[dict], loss_func: Callable,
                           forward_only: bool) -> list:
@@ -226,7 +224,7 @@ class MegatronActor:
             mb = micro[k]
             logp, entropy = self._response_logprobs(logits, batch, with_entropy=True)
             if self.cfg.algorithm.entropy_coef == 0:
-                # Then only a metric: no backward through it (its share of the gradient, 0 x ..., adds nothing).
+                # Then only a metric: detached, the head computes no entropy gradient (0 x ... would add nothing).
                 entropy = entropy.detach()
             width = logp.size(1)
             cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
