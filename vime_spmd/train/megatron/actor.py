@@ -282,12 +282,14 @@ class MegatronActor:
     @torch.no_grad()
     def param_norm(self) -> float:
         """L2 norm of all parameters, each counted once: TP shards once, each stage's own layers, tied
-        embeddings once."""
-        sq = torch.zeros((), dtype=torch.float64, device=self.acc.torch_device)
-        for _, p, tp_split in own_params(self.model.module, self.shape, self.layout.tp_size):
-            # Summed in float64 without a float64 copy of each tensor (a copy costs a pass and its memory).
-            local = torch.linalg.vector_norm(p, dtype=torch.float64).square()
-            sq += local if tp_split or self.layout.tp_rank == 0 else 0.0
+        embeddings once. Summed in float64, without a float64 copy of any tensor."""
+        # On a CPU, float64 reductions over 64K-element pieces run ~3x faster than over whole tensors (measured in
+        # docs/benchmarks.md); an accelerator takes each tensor whole, one kernel each.
+        piece = 1 << 16 if self.acc.kind == "cpu" else None
+        pieces = [x for _, p, tp_split in own_params(self.model.module, self.shape, self.layout.tp_size)
+                  if tp_split or self.layout.tp_rank == 0
+                  for x in (p.detach().reshape(-1).split(piece) if piece else (p,))]
+        sq = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) for x in pieces]).square().sum()
         torch.distributed.all_reduce(sq, group=parallel_state.get_model_parallel_group())  # TP x PP
         return sq.sqrt().item()
 
