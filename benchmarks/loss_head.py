@@ -36,14 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def heads(labels: torch.Tensor) -> dict:
+def heads(labels: torch.Tensor, num_response: int | None = None) -> dict:
     """name -> (forward + backward with the entropy bonus, with the entropy a metric, forward only), each a function of
     its own leaf copy of the logits (None: not applicable)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from vime_spmd.train.megatron.vocab_parallel import logprobs_and_entropy, response_logprobs
 
-    index = torch.arange(labels.size(1)).expand_as(labels)
+    s = labels.size(1)
+    index = torch.arange(s - (num_response or s), s).expand(labels.size(0), -1)  # the last positions of each row
 
     def fused(x, entropy_grad: bool):
         logp, entropy = response_logprobs(x, labels, index, 1.0, with_entropy=True)
@@ -70,11 +71,13 @@ def heads(labels: torch.Tensor) -> dict:
 
 
 def time_shape(shape: str, repeats: int) -> dict:
-    b, s, v = (int(x) for x in shape.split(","))
+    b, s, v, *r = (int(x) for x in shape.split(","))
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(b, s, v, generator=g), torch.randint(0, v, (b, s), generator=g)
     fns = {}
-    for name, (bonus, metric, fwd) in heads(labels).items():
+    for name, (bonus, metric, fwd) in heads(labels, *r).items():
+        if r and name != "fused":  # the others compute every position
+            continue
         for kind, fn in (("entropy bonus", bonus), ("entropy metric", metric), ("forward only", fwd)):
             if fn is not None:  # each call on its own copy of the logits: a leaf to differentiate (and to overwrite)
                 fns[f"{name}, {kind}"] = lambda fn=fn, grad=kind != "forward only": fn(
@@ -88,7 +91,8 @@ def time_shape(shape: str, repeats: int) -> dict:
             if i >= 2:
                 times[name].append(time.process_time() - start)
     ms = {name: round(statistics.median(t) * 1e3, 2) for name, t in times.items()}
-    print(f"logits [{b}, {s}, {v}], fp32, CPU ms per call (median of {repeats}, one thread)")
+    print(f"logits [{b}, {s}, {v}]{f', {r[0]} response positions per row' if r else ''}, fp32, CPU ms per call "
+          f"(median of {repeats}, one thread)")
     for name, t in ms.items():
         print(f"  {name:>28} {t:7.1f}")
     return ms
@@ -137,7 +141,7 @@ def memory_rank(rank: int, tp: int, port: int, vocab: int, tokens: list[int], au
 def _chunk_bytes() -> int:
     from vime_spmd.train.megatron.vocab_parallel import CHUNK_BYTES
 
-    return CHUNK_BYTES
+    return CHUNK_BYTES["cpu"]
 
 
 def memory(tp: int, vocab: int, tokens: list[int], autograd_max: int, scratch: Path) -> list[dict]:
@@ -191,7 +195,8 @@ def param_norm(repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", action="append", help="batch,sequence,vocabulary to time (repeatable)")
+    p.add_argument("--shape", action="append",
+                   help="batch,sequence,vocabulary[,response positions per row, the fused head only] (repeatable)")
     p.add_argument("--repeats", type=int, default=12)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--memory-tokens", default="1024,2048,4096,8192")
@@ -207,7 +212,8 @@ def main() -> None:
 
     parallel_state.initialize_model_parallel(1, 1)
     torch.set_num_threads(1)
-    report["time_ms"] = {shape: time_shape(shape, args.repeats) for shape in args.shape or ["8,90,512", "4,58,32768"]}
+    shapes = args.shape or ["8,90,512", "4,58,32768", "4,58,32768,32"]
+    report["time_ms"] = {shape: time_shape(shape, args.repeats) for shape in shapes}
     report["param_norm"] = param_norm(args.repeats)
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()

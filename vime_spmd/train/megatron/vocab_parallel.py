@@ -56,21 +56,23 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature
     return logprobs, entropy
 
 
-# The fused head's budget for its [chunk, vocab/TP] fp32 temporaries (all of them together, forward or backward).
-CHUNK_BYTES = 256 << 20
+# The fused head's budget for its [chunk, vocab/TP] fp32 temporaries (all of them together, forward or backward): on
+# a CPU, chunks that stay in its caches run fastest; an accelerator wants few (each costs launches and collectives).
+CHUNK_BYTES = {"cpu": 4 << 20, "accelerator": 256 << 20}
 
 
 def response_logprobs(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, temperature: float,
                       with_entropy: bool, vocab_size: int | None = None,
-                      chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused loss head: log p(label) and, if asked, the entropy of p [b, R] at the response positions `index`
     [b, R] (positions into the sequence) of logits [b, s, V/tp] with labels [b, s]; p and `vocab_size` as in
     `logprobs_and_entropy`, whose values this computes (the same operations per element), over the response
     positions only, a chunk of positions at a time, with a closed-form backward.
 
     Memory: beside the logits, only per-position scalars are kept for the backward, and the [chunk, V/tp] fp32
-    temporaries stay within `chunk_bytes`. The backward writes the gradient into the logits' own storage (as
-    Megatron's cross entropy does: zeros off the response positions), so the logits must not be read after it.
+    temporaries stay within `chunk_bytes` (default: CHUNK_BYTES for the device). The backward writes the gradient
+    into the logits' own storage (as Megatron's cross entropy does; zeros off the response positions), so the logits
+    must not be read after it.
     An entropy the caller detaches (a metric, not a loss term) gets no backward at all.
     """
     b, s, vocab_local = logits.shape
@@ -78,10 +80,34 @@ def response_logprobs(logits: torch.Tensor, labels: torch.Tensor, index: torch.T
     # Padding slots of `index` repeat a position: each position is computed once, its gradients summed.
     rows, inverse = torch.unique(rows, return_inverse=True)
     num_buffers = 2 if with_entropy else 1
-    chunk_rows = max(1, chunk_bytes // (num_buffers * vocab_local * 4))
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES["cpu" if logits.device.type == "cpu" else "accelerator"]
+    chunks = _chunks(rows, max(1, chunk_bytes // (num_buffers * vocab_local * 4)))
     logp, entropy = _FusedHead.apply(logits, rows, labels.flatten()[rows], temperature, with_entropy, vocab_size,
-                                     chunk_rows)
+                                     chunks)
     return logp[inverse].view(b, -1), entropy[inverse].view(b, -1) if with_entropy else None
+
+
+def _chunks(rows: torch.Tensor, chunk_rows: int) -> list[tuple[slice, int | None]]:
+    """Consecutive pieces of the sorted `rows`, at most `chunk_rows` each: (its slice of `rows`, its first row when
+    its rows are consecutive, else None). A run of consecutive rows (one sample's response) that does not fit into
+    the chunk being filled is cut into whole chunks, each a plain view of the logits; short runs share a chunk."""
+    breaks = (torch.nonzero(rows[1:] != rows[:-1] + 1).squeeze(-1) + 1).tolist()
+    runs = zip([0, *breaks], [*breaks, rows.numel()], rows[[0, *breaks]].tolist() if rows.numel() else [])
+    chunks = []
+    begin, first_row = 0, None  # the chunk being filled: rows[begin:a], and its first row if it is one run
+    for a, b, first in runs:
+        if b - begin <= chunk_rows:  # the run joins it
+            first_row = first if begin == a else None
+            continue
+        if a > begin:
+            chunks.append((slice(begin, a), first_row))
+        whole = (b - a) // chunk_rows
+        chunks += [(slice(a + k * chunk_rows, a + (k + 1) * chunk_rows), first + k * chunk_rows) for k in range(whole)]
+        begin, first_row = a + whole * chunk_rows, first + whole * chunk_rows
+    if begin < rows.numel():
+        chunks.append((slice(begin, rows.numel()), first_row))
+    return chunks
 
 
 class _VocabSlice:
@@ -97,14 +123,23 @@ class _VocabSlice:
         if vocab_size is not None and self.start + vocab_local > vocab_size:
             self.padded = torch.arange(self.start, self.start + vocab_local, device=device) >= vocab_size
 
-    def scaled(self, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """[len(rows), V/tp] fp32: the rows' logits / temperature, -inf on padded columns (a fresh buffer)."""
-        x = flat.index_select(0, rows).float()
+    def scaled(self, logits: torch.Tensor, owned: bool) -> tuple[torch.Tensor, bool]:
+        """Rows of logits [n, V/tp] as fp32 x = logits / temperature with -inf on padded columns, and whether x may
+        be written: computed in place when `owned` (a copy, or in the backward), else into a fresh tensor, or x is
+        the rows themselves when nothing changes them (then not owned)."""
+        x = logits.float()
+        owned = owned or x is not logits
         if self.temperature != 1.0:  # x / 1 is x, bit for bit
-            x.div_(self.temperature)
+            x, owned = x.div_(self.temperature) if owned else x / self.temperature, True
         if self.padded is not None:
-            x.masked_fill_(self.padded, float("-inf"))
-        return x
+            x, owned = x.masked_fill_(self.padded, float("-inf")) if owned else x.masked_fill(self.padded,
+                                                                                             float("-inf")), True
+        return x, owned
+
+    @staticmethod
+    def rows(flat: torch.Tensor, rows: torch.Tensor, first_row: int | None) -> torch.Tensor:
+        """The chunk's rows of the logits [b * s, V/tp]: a view when they are consecutive, else a gathered copy."""
+        return flat.index_select(0, rows) if first_row is None else flat[first_row:first_row + rows.numel()]
 
     def all_reduce(self, t: torch.Tensor, op=torch.distributed.ReduceOp.SUM) -> torch.Tensor:
         if self.distributed:
@@ -125,17 +160,17 @@ class _FusedHead(torch.autograd.Function):
     Across tensor parallelism, the forward all-reduces max, Z, z_label and sum exp(z) z; the backward is local."""
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, temperature, with_entropy, vocab_size, chunk_rows):
+    def forward(ctx, logits, rows, labels, temperature, with_entropy, vocab_size, chunks):
         vocab = _VocabSlice(logits.size(-1), temperature, vocab_size, logits.device)
         flat = logits.view(-1, vocab.size)
         shift, log_sum_exp, expected_z = (torch.empty(rows.numel(), device=logits.device) for _ in range(3))
         logp = torch.empty_like(shift)
-        for c in range(0, rows.numel(), chunk_rows):
-            part = slice(c, c + chunk_rows)
-            z = vocab.scaled(flat, rows[part])
+        for part, first_row in chunks:
+            # A view of the logits is only read here (the no-grad passes leave the logits as they were).
+            x, owned = vocab.scaled(vocab.rows(flat, rows[part], first_row), owned=first_row is None)
             # The shift only stabilises exp(); log-sum-exp is invariant to it.
-            shift[part] = vocab.all_reduce(z.max(dim=-1).values, torch.distributed.ReduceOp.MAX)
-            z.sub_(shift[part].unsqueeze(-1))
+            shift[part] = vocab.all_reduce(x.max(dim=-1).values, torch.distributed.ReduceOp.MAX)
+            z = x.sub_(shift[part].unsqueeze(-1)) if owned else x - shift[part].unsqueeze(-1)
             local, in_slice = vocab.local_labels(labels[part])
             # where, not a product: a clamped index may land on a padded (-inf) column, and -inf * 0 is nan.
             target_z = vocab.all_reduce(torch.where(in_slice, z.gather(-1, local).squeeze(-1), 0.0))
@@ -151,7 +186,7 @@ class _FusedHead(torch.autograd.Function):
             logp[part] = target_z - log_sum_exp[part]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, rows, labels, shift, log_sum_exp, expected_z)
-        ctx.temperature, ctx.vocab_size, ctx.chunk_rows = temperature, vocab_size, chunk_rows
+        ctx.temperature, ctx.vocab_size, ctx.chunks = temperature, vocab_size, chunks
         return logp, log_sum_exp - expected_z if with_entropy else logp.new_empty(0)
 
     @staticmethod
@@ -161,9 +196,11 @@ class _FusedHead(torch.autograd.Function):
         flat = logits.view(-1, vocab.size)
         if grad_logp is None:
             grad_logp = torch.zeros_like(shift)
-        for c in range(0, rows.numel(), ctx.chunk_rows):
-            part = slice(c, c + ctx.chunk_rows)
-            z = vocab.scaled(flat, rows[part]).sub_(shift[part].unsqueeze(-1))
+        for part, first_row in ctx.chunks:
+            # The gradient is computed in the logits' own rows when they are a view (of fp32 logits), else in a copy.
+            # z as in the forward, bit for bit: p = exp(z - log Z) is then as exact as the forward's log p.
+            chunk = vocab.rows(flat, rows[part], first_row)
+            z = vocab.scaled(chunk, owned=True)[0].sub_(shift[part].unsqueeze(-1))
             g_logp = grad_logp[part].unsqueeze(-1)
             if grad_entropy is None:  # -p g_logp
                 grad = z.sub_(log_sum_exp[part].unsqueeze(-1)).exp_().mul_(-g_logp)
@@ -178,8 +215,11 @@ class _FusedHead(torch.autograd.Function):
             grad.scatter_add_(-1, local, torch.where(in_slice.unsqueeze(-1), g_logp, 0.0))
             if ctx.temperature != 1.0:
                 grad.div_(ctx.temperature)
-            flat.index_copy_(0, rows[part], grad.to(flat.dtype))
+            if first_row is None:
+                flat.index_copy_(0, rows[part], grad.to(flat.dtype))
+            elif grad.data_ptr() != chunk.data_ptr():
+                chunk.copy_(grad)
         elsewhere = torch.ones(flat.size(0), dtype=torch.bool, device=flat.device)
         elsewhere[rows] = False
-        flat.masked_fill_(elsewhere.unsqueeze(-1), 0.0)
+        flat.index_fill_(0, elsewhere.nonzero().squeeze(-1), 0.0)
         return logits, None, None, None, None, None, None
