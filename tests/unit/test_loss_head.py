@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -26,7 +26,9 @@ from tests.conftest import free_port
 class Case:
     name: str
     temperature: float = 1.0
-    entropy: str = "none"  # "none", "metric" (computed, detached) or "bonus" (in the loss)
+    # "none"; "metric" (entropy_grad=False); "detached" (differentiable, detached by the caller); "bonus" (in the loss)
+    entropy: str = "none"
+    offset: float = 0.0  # added to every logit (the shift's job)
     vocab_size: int | None = None  # the true vocabulary when the logits' 96 columns are padded
     lengths: tuple[tuple[int, int], ...] = ((3, 5), (4, 9), (1, 6))  # (prompt, response) tokens per sample
     chunk_bytes: int = 96 * 4 * 3  # a few positions per chunk at TP 1: many chunks
@@ -35,7 +37,10 @@ class Case:
 CASES = [
     Case("logprobs"),
     Case("entropy-metric", entropy="metric"),
+    Case("entropy-detached", entropy="detached"),
     Case("entropy-bonus", entropy="bonus"),
+    Case("large-logits-entropy-bonus", temperature=0.7, entropy="bonus", offset=40.0),
+    Case("large-logits", offset=40.0),
     Case("temperature-0.7-entropy-bonus", temperature=0.7, entropy="bonus"),
     Case("temperature-1.3-logprobs", temperature=1.3),
     Case("padded-vocabulary-entropy-bonus", temperature=0.7, entropy="bonus", vocab_size=90),
@@ -52,7 +57,7 @@ def inputs(case: Case, tp_rank: int, tp_size: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     b, s = len(case.lengths), max(p + r for p, r in case.lengths)
     width = max(r for _, r in case.lengths)
-    full = torch.randn(b, s, VOCAB, generator=g) * 3
+    full = torch.randn(b, s, VOCAB, generator=g) * 3 + case.offset
     labels = torch.randint(0, case.vocab_size or VOCAB, (b, s), generator=g)
     index = torch.zeros(b, width, dtype=torch.long)
     mask = torch.zeros(b, width)
@@ -76,10 +81,13 @@ def fused(case: Case, x: dict) -> tuple:
     from vime_spmd.train.megatron.vocab_parallel import response_logprobs
 
     leaf = x["logits"].clone().requires_grad_()
-    logits = leaf.clone()  # the head writes its gradient into the logits it was given: not into the leaf itself
+    logits = leaf.clone()  # the head uses the storage of the logits it was given: not the leaf's
     logp, entropy = response_logprobs(logits, x["labels"], x["index"], case.temperature, case.entropy != "none",
-                                      vocab_size=case.vocab_size, chunk_bytes=case.chunk_bytes)
-    if entropy is not None and case.entropy == "metric":
+                                      entropy_grad=case.entropy == "bonus", vocab_size=case.vocab_size,
+                                      chunk_bytes=case.chunk_bytes)
+    if case.entropy == "metric":
+        assert not entropy.requires_grad
+    if case.entropy == "detached":
         entropy = entropy.detach()
     loss_of(logp, entropy, x, case).backward()
     return logp.detach(), None if entropy is None else entropy.detach(), leaf.grad
@@ -93,7 +101,7 @@ def autograd(case: Case, x: dict) -> tuple:
                                          vocab_size=case.vocab_size)
     logp = logp.gather(1, x["index"])
     entropy = None if entropy is None else entropy.gather(1, x["index"])
-    if entropy is not None and case.entropy == "metric":
+    if entropy is not None and case.entropy in ("metric", "detached"):
         entropy = entropy.detach()
     loss_of(logp, entropy, x, case).backward()
     return logp.detach(), None if entropy is None else entropy.detach(), leaf.grad
@@ -111,9 +119,8 @@ def check(case: Case, tp_rank: int, tp_size: int) -> None:
         no_graph, _ = response_logprobs(logits, x["labels"], x["index"], case.temperature, False,
                                         vocab_size=case.vocab_size, chunk_bytes=case.chunk_bytes)
     metric_only = None
-    if case.entropy == "metric":  # a detached entropy adds nothing to the backward: the logprobs-only gradient
-        metric_only = fused(Case("logprobs", case.temperature, "none", case.vocab_size, case.lengths,
-                                 case.chunk_bytes), x)[2]
+    if case.entropy == "metric":  # an entropy without a gradient adds nothing to the backward
+        metric_only = fused(replace(case, entropy="none"), x)[2]
 
     assert torch.equal(logp, ref_logp)
     assert torch.equal(no_graph, ref_logp)

@@ -138,11 +138,11 @@ class MegatronActor:
                 "position_ids": torch.arange(seq_len, device=device).unsqueeze(0).expand_as(tokens),
                 "attention_mask": mask, "index": index}
 
-    def _response_logprobs(self, logits: torch.Tensor, batch: dict, with_entropy: bool):
+    def _response_logprobs(self, logits: torch.Tensor, batch: dict, with_entropy: bool, entropy_grad: bool = False):
         """Response-token logprobs (and entropy) [b, R] from the last stage's logits of a micro-batch."""
         # The engine samples at --rollout-temperature, so RL's logprobs are taken at it; SFT learns the plain model.
         temperature = 1.0 if self.cfg.sft else self.cfg.rollout.rollout_temperature
-        return response_logprobs(logits, batch["labels"], batch["index"], temperature, with_entropy,
+        return response_logprobs(logits, batch["labels"], batch["index"], temperature, with_entropy, entropy_grad,
                                  vocab_size=self.shape.vocab_size)
 
     def run_micro_batches(self, model: torch.nn.Module, batches: list[dict], loss_func: Callable,
@@ -222,10 +222,9 @@ class MegatronActor:
 
         def loss_and_metrics(k, batch, logits):
             mb = micro[k]
-            logp, entropy = self._response_logprobs(logits, batch, with_entropy=True)
-            if self.cfg.algorithm.entropy_coef == 0:
-                # Then only a metric: detached, the head computes no entropy gradient (0 x ... would add nothing).
-                entropy = entropy.detach()
+            # Without an entropy bonus the entropy is only a metric: no gradient (0 x ... would add nothing).
+            logp, entropy = self._response_logprobs(logits, batch, with_entropy=True,
+                                                    entropy_grad=self.cfg.algorithm.entropy_coef != 0)
             width = logp.size(1)
             cut = lambda t: None if t is None else t[:, :width].to(device)  # noqa: E731
             mask = cut(mb.response_mask)

@@ -62,29 +62,33 @@ CHUNK_BYTES = {"cpu": 4 << 20, "accelerator": 256 << 20}
 
 
 def response_logprobs(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, temperature: float,
-                      with_entropy: bool, vocab_size: int | None = None,
+                      with_entropy: bool, entropy_grad: bool = True, vocab_size: int | None = None,
                       chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused loss head: log p(label) and, if asked, the entropy of p [b, R] at the response positions `index`
     [b, R] (positions into the sequence) of logits [b, s, V/tp] with labels [b, s]; p and `vocab_size` as in
     `logprobs_and_entropy`, whose values this computes (the same operations per element), over the response
-    positions only, a chunk of positions at a time, with a closed-form backward.
+    positions only, a chunk of positions at a time, with a closed-form backward. `entropy_grad=False`: the entropy
+    is a metric (no gradient), which makes the backward one pass.
 
     Memory: beside the logits, only per-position scalars are kept for the backward, and the [chunk, V/tp] fp32
-    temporaries stay within `chunk_bytes` (default: CHUNK_BYTES for the device). The backward writes the gradient
-    into the logits' own storage (as Megatron's cross entropy does; zeros off the response positions), so the logits
-    must not be read after it.
-    An entropy the caller detaches (a metric, not a loss term) gets no backward at all.
+    temporaries stay within `chunk_bytes` (default: CHUNK_BYTES for the device). With a graph, the logits' storage
+    is the head's to use (as in Megatron's cross entropy): fp32 logits hold exp(z) of the response positions after
+    the forward when the entropy gets no gradient, and the gradient after the backward (zeros off the response
+    positions). Without a graph (the old-policy and reference passes) the logits stay as they are.
     """
     b, s, vocab_local = logits.shape
     rows = (torch.arange(b, device=logits.device).unsqueeze(1) * s + index).flatten()
     # Padding slots of `index` repeat a position: each position is computed once, its gradients summed.
     rows, inverse = torch.unique(rows, return_inverse=True)
+    entropy_grad = with_entropy and entropy_grad
+    # exp(z) is kept for the backward (in the logits, so no recompute) unless the entropy's gradient needs z too.
+    keep_exp = torch.is_grad_enabled() and logits.requires_grad and logits.dtype == torch.float32 and not entropy_grad
     num_buffers = 2 if with_entropy else 1
     if chunk_bytes is None:
         chunk_bytes = CHUNK_BYTES["cpu" if logits.device.type == "cpu" else "accelerator"]
     chunks = _chunks(rows, max(1, chunk_bytes // (num_buffers * vocab_local * 4)))
-    logp, entropy = _FusedHead.apply(logits, rows, labels.flatten()[rows], temperature, with_entropy, vocab_size,
-                                     chunks)
+    logp, entropy = _FusedHead.apply(logits, rows, labels.flatten()[rows], temperature, with_entropy, entropy_grad,
+                                     keep_exp, vocab_size, chunks)
     return logp[inverse].view(b, -1), entropy[inverse].view(b, -1) if with_entropy else None
 
 
@@ -155,19 +159,21 @@ class _VocabSlice:
 class _FusedHead(torch.autograd.Function):
     """Rows `rows` of logits [b, s, V/tp] viewed as [b * s, V/tp]. With z = x - max(x) (x = logits / T, the max
     over the whole vocabulary): log p(label) = z_label - log Z and H = log Z - E_p[z], where Z = sum exp(z). Saved
-    for the backward: the logits (no copy) and per row max(x), log Z and E_p[z]; p is recomputed chunk by chunk:
+    for the backward: the logits (no copy) and per row max(x), Z, log Z and E_p[z]; p is exp(z) / Z from the logits'
+    storage (`keep_exp`), or recomputed as exp(z - log Z) chunk by chunk:
         d log p(label) / d z_j = 1[j = label] - p_j,    d H / d z_j = -p_j (z_j - E_p[z]),    d z / d logits = 1 / T.
     Across tensor parallelism, the forward all-reduces max, Z, z_label and sum exp(z) z; the backward is local."""
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, temperature, with_entropy, vocab_size, chunks):
+    def forward(ctx, logits, rows, labels, temperature, with_entropy, entropy_grad, keep_exp, vocab_size, chunks):
         vocab = _VocabSlice(logits.size(-1), temperature, vocab_size, logits.device)
         flat = logits.view(-1, vocab.size)
-        shift, log_sum_exp, expected_z = (torch.empty(rows.numel(), device=logits.device) for _ in range(3))
+        shift, sum_exp, log_sum_exp, expected_z = (torch.empty(rows.numel(), device=logits.device) for _ in range(4))
         logp = torch.empty_like(shift)
         for part, first_row in chunks:
-            # A view of the logits is only read here (the no-grad passes leave the logits as they were).
-            x, owned = vocab.scaled(vocab.rows(flat, rows[part], first_row), owned=first_row is None)
+            # A view of the logits is written only to keep exp(z) (the no-grad passes leave the logits as they were).
+            chunk = vocab.rows(flat, rows[part], first_row)
+            x, owned = vocab.scaled(chunk, owned=keep_exp or first_row is None)
             # The shift only stabilises exp(); log-sum-exp is invariant to it.
             shift[part] = vocab.all_reduce(x.max(dim=-1).values, torch.distributed.ReduceOp.MAX)
             z = x.sub_(shift[part].unsqueeze(-1)) if owned else x - shift[part].unsqueeze(-1)
@@ -176,41 +182,54 @@ class _FusedHead(torch.autograd.Function):
             target_z = vocab.all_reduce(torch.where(in_slice, z.gather(-1, local).squeeze(-1), 0.0))
             if with_entropy:
                 exp_z = z.exp()
-                sum_exp = vocab.all_reduce(exp_z.sum(dim=-1))
+                sum_exp[part] = vocab.all_reduce(exp_z.sum(dim=-1))
                 if vocab.padded is not None:  # padded columns contribute 0 (not 0 * -inf)
                     z.masked_fill_(vocab.padded, 0.0)
-                expected_z[part] = vocab.all_reduce(exp_z.mul_(z).sum(dim=-1)) / sum_exp
+                # exp(z) z into z when exp(z) is kept (z is not needed after), else into exp(z)
+                product = z.mul_(exp_z) if keep_exp else exp_z.mul_(z)
+                expected_z[part] = vocab.all_reduce(product.sum(dim=-1)) / sum_exp[part]
             else:
-                sum_exp = vocab.all_reduce(z.exp_().sum(dim=-1))
-            log_sum_exp[part] = sum_exp.log()
+                exp_z = z.exp_()
+                sum_exp[part] = vocab.all_reduce(exp_z.sum(dim=-1))
+            log_sum_exp[part] = sum_exp[part].log()
             logp[part] = target_z - log_sum_exp[part]
+            if keep_exp and first_row is None:
+                flat.index_copy_(0, rows[part], exp_z)
+            elif keep_exp and exp_z is not z:  # z is the logits' view
+                z.copy_(exp_z)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(logits, rows, labels, shift, log_sum_exp, expected_z)
-        ctx.temperature, ctx.vocab_size, ctx.chunks = temperature, vocab_size, chunks
-        return logp, log_sum_exp - expected_z if with_entropy else logp.new_empty(0)
+        ctx.save_for_backward(logits, rows, labels, shift, sum_exp, log_sum_exp, expected_z)
+        ctx.temperature, ctx.vocab_size, ctx.chunks, ctx.keep_exp = temperature, vocab_size, chunks, keep_exp
+        entropy = log_sum_exp - expected_z if with_entropy else logp.new_empty(0)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits, rows, labels, shift, log_sum_exp, expected_z = ctx.saved_tensors
+        logits, rows, labels, shift, sum_exp, log_sum_exp, expected_z = ctx.saved_tensors
         vocab = _VocabSlice(logits.size(-1), ctx.temperature, ctx.vocab_size, logits.device)
         flat = logits.view(-1, vocab.size)
         if grad_logp is None:
             grad_logp = torch.zeros_like(shift)
         for part, first_row in ctx.chunks:
             # The gradient is computed in the logits' own rows when they are a view (of fp32 logits), else in a copy.
-            # z as in the forward, bit for bit: p = exp(z - log Z) is then as exact as the forward's log p.
             chunk = vocab.rows(flat, rows[part], first_row)
-            z = vocab.scaled(chunk, owned=True)[0].sub_(shift[part].unsqueeze(-1))
             g_logp = grad_logp[part].unsqueeze(-1)
-            if grad_entropy is None:  # -p g_logp
-                grad = z.sub_(log_sum_exp[part].unsqueeze(-1)).exp_().mul_(-g_logp)
-            else:  # -p (g_logp + g_H (z - E_p[z]))
-                p = (z - log_sum_exp[part].unsqueeze(-1)).exp_()
-                grad = z.sub_(expected_z[part].unsqueeze(-1)).mul_(grad_entropy[part].unsqueeze(-1))
-                grad = grad.add_(g_logp).mul_(p).neg_()
-                del p
-                if vocab.padded is not None:  # p = 0 there, times -inf
-                    grad.masked_fill_(vocab.padded, 0.0)
+            if ctx.keep_exp:  # -p g_logp = exp(z) (-g_logp / Z); padded columns: exp(-inf) = 0
+                grad = chunk.mul_(-g_logp / sum_exp[part].unsqueeze(-1))
+            else:
+                # z as in the forward, bit for bit: p = exp(z - log Z) is then as exact as the forward's log p.
+                z = vocab.scaled(chunk, owned=True)[0].sub_(shift[part].unsqueeze(-1))
+                if grad_entropy is None:  # -p g_logp
+                    grad = z.sub_(log_sum_exp[part].unsqueeze(-1)).exp_().mul_(-g_logp)
+                else:  # -p (g_logp + g_H (z - E_p[z]))
+                    p = (z - log_sum_exp[part].unsqueeze(-1)).exp_()
+                    grad = z.sub_(expected_z[part].unsqueeze(-1)).mul_(grad_entropy[part].unsqueeze(-1))
+                    grad = grad.add_(g_logp).mul_(p).neg_()
+                    del p
+                    if vocab.padded is not None:  # p = 0 there, times -inf
+                        grad.masked_fill_(vocab.padded, 0.0)
             local, in_slice = vocab.local_labels(labels[part])
             grad.scatter_add_(-1, local, torch.where(in_slice.unsqueeze(-1), g_logp, 0.0))
             if ctx.temperature != 1.0:
@@ -222,4 +241,4 @@ class _FusedHead(torch.autograd.Function):
         elsewhere = torch.ones(flat.size(0), dtype=torch.bool, device=flat.device)
         elsewhere[rows] = False
         flat.index_fill_(0, elsewhere.nonzero().squeeze(-1), 0.0)
-        return logits, None, None, None, None, None, None
+        return logits, None, None, None, None, None, None, None, None
