@@ -13,7 +13,8 @@ Memory, per TP size and token count at the vocabulary of --vocab (Qwen3's 151,93
 fp32 are allocated first, then the peak of the bytes allocated during forward + backward beyond them, from the
 allocation events of torch's profiler (`profile_memory`: every tensor allocation and free of the process, exact;
 at TP 2 on rank 0 of two gloo processes). The gradient of the logits counts as extra when it is a new tensor (today's
-head); the fused head and Megatron's write it into the logits' storage.
+head); the fused head and Megatron's write it into the logits' storage. The logits come from an autograd Function
+that stands for the model's last layer (a leaf's .grad would add a copy of the gradient).
 
 param_norm: a float64 norm per whole tensor (the old `actor.param_norm`) against per 64K-element piece (the new one)
 over random tensors of the 100m model's shapes (126M parameters), one thread.
@@ -36,7 +37,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def heads(labels: torch.Tensor, num_response: int | None = None) -> dict:
+class _Logits(torch.autograd.Function):
+    """A copy of the logits as a model's last layer hands them over: not a leaf, and their gradient goes no further
+    (a leaf's .grad would add a copy of the gradient for the heads that return it in the logits' storage)."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None
+
+
+def model_logits(logits: torch.Tensor) -> torch.Tensor:
+    return _Logits.apply(torch.zeros((), requires_grad=True), logits)
+
+
+def heads(labels: torch.Tensor, num_response: int | None = None, chunk_bytes: int | None = None) -> dict:
     """name -> (forward + backward with the entropy bonus, with the entropy a metric, forward only), each a function of
     its own leaf copy of the logits (None: not applicable)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -47,8 +65,9 @@ def heads(labels: torch.Tensor, num_response: int | None = None) -> dict:
     index = torch.arange(s - (num_response or s), s).expand(labels.size(0), -1)  # the last positions of each row
 
     def fused(x, entropy_grad: bool):
-        logp, entropy = response_logprobs(x, labels, index, 1.0, with_entropy=True)
-        (logp.sum() + 0.01 * (entropy if entropy_grad else entropy.detach()).sum()).backward()
+        logp, entropy = response_logprobs(x, labels, index, 1.0, with_entropy=True, entropy_grad=entropy_grad,
+                                          chunk_bytes=chunk_bytes)
+        (logp.sum() + 0.01 * entropy.sum()).backward()
 
     def autograd(x, entropy_grad: bool):
         logp, entropy = logprobs_and_entropy(x, labels, 1.0, with_entropy=True)
@@ -81,7 +100,7 @@ def time_shape(shape: str, repeats: int) -> dict:
         for kind, fn in (("entropy bonus", bonus), ("entropy metric", metric), ("forward only", fwd)):
             if fn is not None:  # each call on its own copy of the logits: a leaf to differentiate (and to overwrite)
                 fns[f"{name}, {kind}"] = lambda fn=fn, grad=kind != "forward only": fn(
-                    logits.clone().requires_grad_(grad))
+                    model_logits(logits) if grad else logits.clone())
     fns["(a clone of the logits)"] = logits.clone
     times = {name: [] for name in fns}
     for i in range(repeats + 2):  # the first two warm up
@@ -117,31 +136,29 @@ def memory_rank(rank: int, tp: int, port: int, vocab: int, tokens: list[int], au
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
     from megatron.core import parallel_state
 
+    from vime_spmd.train.megatron.vocab_parallel import CHUNK_BYTES
+
     parallel_state.initialize_model_parallel(tp)
     rows = []
     for n in tokens:
         g = torch.Generator().manual_seed(rank)
         labels = torch.randint(0, vocab, (1, n), generator=g)
         logits_bytes = n * (vocab // tp) * 4
-        row = {"tokens": n, "logits_bytes": logits_bytes, "chunk_budget_bytes": _chunk_bytes()}
-        for name, (bonus, metric, _) in heads(labels).items():
-            for kind, fn in (("entropy bonus", bonus), ("entropy metric", metric)):
-                if fn is None or (name == "autograd" and n > autograd_max):
-                    continue
-                logits = torch.randn(1, n, vocab // tp, generator=g).requires_grad_()
-                row[f"{name}, {kind}"] = peak_extra_bytes(fn, logits)
-                del logits
+        row = {"tokens": n, "logits_bytes": logits_bytes}
+        cases = {f"{name}, {kind}": fn for name, (bonus, metric, _) in heads(labels).items()
+                 for kind, fn in (("entropy bonus", bonus), ("entropy metric", metric))
+                 if fn is not None and (name != "autograd" or n <= autograd_max)}
+        cases["fused, entropy bonus, accelerator chunks"] = heads(labels, chunk_bytes=CHUNK_BYTES["accelerator"])[
+            "fused"][0]
+        for name, fn in cases.items():
+            logits = model_logits(torch.randn(1, n, vocab // tp, generator=g))
+            row[name] = peak_extra_bytes(fn, logits)
+            del logits
         rows.append(row)
     if rank == 0:
         Path(out).write_text(json.dumps(rows))
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
-
-
-def _chunk_bytes() -> int:
-    from vime_spmd.train.megatron.vocab_parallel import CHUNK_BYTES
-
-    return CHUNK_BYTES["cpu"]
 
 
 def memory(tp: int, vocab: int, tokens: list[int], autograd_max: int, scratch: Path) -> list[dict]:
@@ -197,14 +214,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", action="append",
                    help="batch,sequence,vocabulary[,response positions per row, the fused head only] (repeatable)")
-    p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--memory-tokens", default="1024,2048,4096,8192")
     p.add_argument("--autograd-max-tokens", type=int, default=2048, help="today's head only up to here (its memory)")
     p.add_argument("--tp", action="append", type=int, help="TP sizes of the memory rows (repeatable; default 1 and 2)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    report = {"load_average_before": os.getloadavg()}
+    from vime_spmd.train.megatron.vocab_parallel import CHUNK_BYTES
+
+    report = {"load_average_before": os.getloadavg(), "chunk_bytes": CHUNK_BYTES}
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29571")
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)

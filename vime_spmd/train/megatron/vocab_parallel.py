@@ -188,6 +188,7 @@ class _FusedHead(torch.autograd.Function):
                 # exp(z) z into z when exp(z) is kept (z is not needed after), else into exp(z)
                 product = z.mul_(exp_z) if keep_exp else exp_z.mul_(z)
                 expected_z[part] = vocab.all_reduce(product.sum(dim=-1)) / sum_exp[part]
+                del product
             else:
                 exp_z = z.exp_()
                 sum_exp[part] = vocab.all_reduce(exp_z.sum(dim=-1))
@@ -197,6 +198,7 @@ class _FusedHead(torch.autograd.Function):
                 flat.index_copy_(0, rows[part], exp_z)
             elif keep_exp and exp_z is not z:  # z is the logits' view
                 z.copy_(exp_z)
+            del chunk, x, z, exp_z  # before the next chunk's are made: one chunk's buffers at a time
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, rows, labels, shift, sum_exp, log_sum_exp, expected_z)
         ctx.temperature, ctx.vocab_size, ctx.chunks, ctx.keep_exp = temperature, vocab_size, chunks, keep_exp
@@ -230,6 +232,7 @@ class _FusedHead(torch.autograd.Function):
                     del p
                     if vocab.padded is not None:  # p = 0 there, times -inf
                         grad.masked_fill_(vocab.padded, 0.0)
+                del z
             local, in_slice = vocab.local_labels(labels[part])
             grad.scatter_add_(-1, local, torch.where(in_slice.unsqueeze(-1), g_logp, 0.0))
             if ctx.temperature != 1.0:
@@ -238,6 +241,7 @@ class _FusedHead(torch.autograd.Function):
                 flat.index_copy_(0, rows[part], grad.to(flat.dtype))
             elif grad.data_ptr() != chunk.data_ptr():
                 chunk.copy_(grad)
+            del chunk, grad
         elsewhere = torch.ones(flat.size(0), dtype=torch.bool, device=flat.device)
         elsewhere[rows] = False
         flat.index_fill_(0, elsewhere.nonzero().squeeze(-1), 0.0)
