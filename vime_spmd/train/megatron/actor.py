@@ -282,7 +282,7 @@ class MegatronActor:
     def param_norm(self) -> float:
         """L2 norm of all parameters, each counted once: TP shards once, each stage's own layers, tied
         embeddings once. Summed in float64, without a float64 copy of any tensor."""
-        # On a CPU, float64 reductions over 64K-element pieces run ~3x faster than over whole tensors (measured in
+        # On a CPU, float64 reductions over 64K-element pieces run 2-3x faster than over whole tensors (measured in
         # docs/benchmarks.md); an accelerator takes each tensor whole, one kernel each.
         piece = 1 << 16 if self.acc.kind == "cpu" else None
         pieces = [x for _, p, tp_split in own_params(self.model.module, self.shape, self.layout.tp_size)

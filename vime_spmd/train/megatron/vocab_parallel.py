@@ -1,8 +1,10 @@
 """Per-token log-probabilities and entropy from vocabulary-parallel logits.
 
-Each TP rank holds logits for a contiguous slice of the vocabulary. The sums over the vocabulary are all-reduced
-with Megatron's `reduce_from_tensor_model_parallel_region` (forward: all-reduce; backward: identity), which is
-the correct gradient because every TP rank computes the same loss from the reduced values.
+Each TP rank holds logits for a contiguous slice of the vocabulary. Two heads compute the same values:
+`logprobs_and_entropy`, autograd over every position (the reference), and `response_logprobs`, the fused head the
+actor uses (the response positions only, in chunks, with a closed-form backward). In the first, the sums over the
+vocabulary are all-reduced with Megatron's `reduce_from_tensor_model_parallel_region` (forward: all-reduce; backward:
+identity), which is the correct gradient because every TP rank computes the same loss from the reduced values.
 """
 
 from __future__ import annotations
@@ -134,10 +136,11 @@ class _VocabSlice:
         x = logits.float()
         owned = owned or x is not logits
         if self.temperature != 1.0:  # x / 1 is x, bit for bit
-            x, owned = x.div_(self.temperature) if owned else x / self.temperature, True
+            x = x.div_(self.temperature) if owned else x / self.temperature
+            owned = True
         if self.padded is not None:
-            x, owned = x.masked_fill_(self.padded, float("-inf")) if owned else x.masked_fill(self.padded,
-                                                                                             float("-inf")), True
+            x = x.masked_fill_(self.padded, float("-inf")) if owned else x.masked_fill(self.padded, float("-inf"))
+            owned = True
         return x, owned
 
     @staticmethod
