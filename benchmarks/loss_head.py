@@ -5,7 +5,7 @@ time per micro-batch (one thread) and in peak extra memory against tokens; and `
     .venv/bin/python benchmarks/loss_head.py --shape 4,58,32768 --memory-tokens 1024,2048 --tp 1   # a part
 
 Time, per shape [batch, sequence, vocabulary]: the median CPU time over alternating repetitions of forward +
-backward with the entropy in the loss (an entropy bonus), with the entropy a metric only (detached, as the actor
+backward with the entropy in the loss (an entropy bonus), with the entropy a metric only (no gradient, as the actor
 does when --entropy-coef is 0), Megatron's `vocab_parallel_cross_entropy`; and the forward-only passes (the old
 logprobs). Every position is a response position here (Megatron's loss covers them all).
 
