@@ -115,12 +115,28 @@ class RolloutConfig(Section):
     rollout_stop_token_ids: list[int] | None = opt(None, "token ids that end a response, besides end-of-sequence")
     rollout_seed: int | None = opt(None, "seed of the engines' sampling (default: --seed); each request is seeded "
                                          "from it and its prompt's position in the data stream")
+    custom_generate_function_path: str | None = opt(
+        None, "multi-turn rollouts: async fn(record, sampling, tokenizer, client) -> Trajectory, as "
+              "package.module.function or path/to/file.py:function, called once per response; it calls the engine "
+              "through client.generate as often as it needs (README: Multi-turn and tools)")
+    max_turns: int | None = opt(None, "the built-in tool loop: at most this many model turns per response, tools "
+                                      "called from <tool_call> JSON between them (with --tools)")
+    tools: list[str] | None = opt(None, "the tool loop's tools: functions fn(**arguments) -> str, called by their "
+                                        "names, as package.module.function or path/to/file.py:function",
+                                  metavar="FN")
+    tool_timeout_s: float = opt(10.0, "a tool call slower than this returns an error observation (counted in "
+                                      "rollout/tool_failures)")
 
     def check(self) -> list[str]:
         """The ranges first; the rules between this section's flags only when those passed (no cascade)."""
         problems = self._ranges()
         if problems:
             return problems
+        if self.tools and self.max_turns is None:
+            problems.append("--tools needs --max-turns N (the tool loop); add it")
+        if self.max_turns is not None and self.custom_generate_function_path is not None:
+            problems.append("--max-turns selects the built-in tool loop and --custom-generate-function-path names "
+                            "another generation function; keep one")
         if not 0 <= self.overlong_buffer_len < self.rollout_max_response_len:
             problems.append(f"--overlong-buffer-len {self.overlong_buffer_len}: must be in [0, "
                             f"--rollout-max-response-len {self.rollout_max_response_len})")
@@ -151,6 +167,8 @@ class RolloutConfig(Section):
                 *([f"--rollout-stop-token-ids {ids}: token ids are >= 0"] if ids and min(ids) < 0 else []),
                 *(["--rollout-stop: an empty stop string would end every response at once; drop it"]
                   if self.rollout_stop and not all(self.rollout_stop) else []),
+                *at_least_one({"--max-turns": self.max_turns}),
+                *must("--tool-timeout-s", self.tool_timeout_s, self.tool_timeout_s > 0, "> 0"),
                 *must("--rollout-seed", self.rollout_seed, self.rollout_seed is None or self.rollout_seed >= 0,
                       ">= 0 (numpy's SeedSequence takes no negative seed)")]
 

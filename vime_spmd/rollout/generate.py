@@ -36,12 +36,17 @@ class Scorer:
         return cls(data.rm_type, data.reward_timeout_s, custom)
 
     def score(self, samples: list[Sample]) -> int:
-        """Set each sample's `raw_reward`; returns how many rewards failed (they score 0)."""
-        scores, failures = score_batch([s.response_text for s in samples], [s.label for s in samples], self.rm_type,
-                                       metadata=[s.metadata for s in samples], custom_fn=self.custom_fn,
+        """Set each sample's `raw_reward` (its `given_reward` when it has one); returns how many rewards failed (they
+        score 0)."""
+        todo = [s for s in samples if s.given_reward is None]
+        scores, failures = score_batch([s.response_text for s in todo], [s.label for s in todo], self.rm_type,
+                                       metadata=[s.metadata for s in todo], custom_fn=self.custom_fn,
                                        timeout_s=self.timeout_s)
-        for sample, score in zip(samples, scores):
+        for sample, score in zip(todo, scores):
             sample.raw_reward = score
+        for sample in samples:
+            if sample.given_reward is not None:
+                sample.raw_reward = sample.given_reward
         return failures
 
 
