@@ -96,8 +96,11 @@ def tool_turn_text(tokenizer, observations: list[str]) -> str:
 class ToolLoop:
     """`async (record, sampling, tokenizer, client) -> Trajectory` (README "Multi-turn and tools")."""
 
-    def __init__(self, tools: dict[str, Callable[..., object]], max_turns: int, timeout_s: float) -> None:
+    def __init__(self, tools: dict[str, Callable[..., object]], max_turns: int, timeout_s: float,
+                 max_tokens_per_turn: int | None = None) -> None:
+        """`max_tokens_per_turn`: a model turn's own cap (default: only the response budget)."""
         self.tools, self.max_turns, self.timeout_s = tools, max_turns, timeout_s
+        self.max_tokens_per_turn = max_tokens_per_turn
 
     @classmethod
     def of(cls, rollout) -> ToolLoop:
@@ -127,10 +130,13 @@ class ToolLoop:
     async def __call__(self, record, sampling: dict, tokenizer, client) -> Trajectory:
         trajectory = Trajectory([], [], [])
         overrides = {"stop": [*(sampling.get("stop") or []), TOOL_CALL_END], "include_stop_str_in_output": True}
+        if self.max_tokens_per_turn is not None:
+            overrides["max_tokens"] = self.max_tokens_per_turn
         for turn in range(self.max_turns):
             out = await client.generate(record.prompt_ids + trajectory.response_ids, overrides)
             trajectory.append(out.token_ids, out.logprobs)
-            if out.finish_reason == "length" or not out.token_ids:
+            # "length" without a turn cap: the response budget is spent (with one, the next call says so)
+            if not out.token_ids or (out.finish_reason == "length" and self.max_tokens_per_turn is None):
                 trajectory.status = "truncated"
                 break
             calls, errors = self.tool_calls(tokenizer.decode(out.token_ids))
