@@ -125,6 +125,25 @@ def test_tool_tokens_are_masked_with_zero_logprobs():
     assert torch.equal(batch.rollout_logprobs()[0] != 0, batch.response_mask()[0].bool())
 
 
+def test_tool_tokens_get_no_gradient_from_any_loss_term():
+    from vime_spmd.algorithms import actor_loss
+    from vime_spmd.config import AlgorithmConfig
+
+    samples = generator(fixed_turns).generate_share(prompts(1), seeds=[100], sampling=None)
+    batch = RolloutBatch(samples, group_size=2)
+    mask = batch.response_mask()
+    logprobs = (torch.randn(mask.shape) - 1).requires_grad_()
+    entropy = torch.rand(mask.shape, requires_grad=True)
+    algo = AlgorithmConfig(entropy_coef=0.1, use_kl_loss=True, kl_loss_coef=0.5)
+    loss, _ = actor_loss(logprobs, entropy, batch.rollout_logprobs(), torch.ones(mask.shape), mask,
+                         mask.sum().item(), algo, ref_logprobs=torch.randn(mask.shape) - 1)
+    loss.backward()
+    tool = mask == 0
+    assert tool.sum() == 12  # 2 samples x 2 tool blocks x 3 tokens
+    assert torch.all(logprobs.grad[tool] == 0) and torch.all(entropy.grad[tool] == 0)
+    assert torch.all(logprobs.grad[~tool] != 0)
+
+
 def test_the_response_budget_caps_turns_and_truncates():
     async def long_tools(record, sampling, tokenizer, client) -> Trajectory:
         t = Trajectory([], [], [])
