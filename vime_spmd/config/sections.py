@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The rule-based rewards (vime_spmd.rewards) and `custom`, the function of --custom-rm-path. One list: the flag's
-# choices and the rewards' dispatch.
-RM_TYPES = ("math", "dapo", "deepscaler", "letter", "custom")
+# The rule-based rewards (vime_spmd.rewards), `custom`, the function of --custom-rm-path, and `remote`, the server of
+# --rm-url. One list: the flag's choices and the rewards' dispatch.
+RM_TYPES = ("math", "dapo", "deepscaler", "letter", "custom", "remote")
 # The observe extra's install line, named wherever a dashboard package is missing.
 OBSERVE_EXTRA = "pip install 'vime-spmd[observe]'"
 EVAL_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -264,10 +264,14 @@ class DataConfig(Section):
                                            "(a list of chat messages is always rendered with it)")
     skip_bad_records: bool = opt(False, "skip and count malformed records instead of stopping at the first")
     rm_type: str | None = opt(None, "rule-based reward: math (default), dapo, deepscaler, or letter (the demo "
-                                    "task); custom when --custom-rm-path is given", choices=list(RM_TYPES))
+                                    "task); custom when --custom-rm-path is given, remote with --rm-url",
+                                choices=list(RM_TYPES))
     custom_rm_path: str | None = opt(None, "a reward function fn(response, label, metadata) -> float (sync or "
                                            "async), as package.module.function or path/to/file.py:function")
     reward_timeout_s: float = opt(10.0, "a reward slower than this scores 0 and counts as a failure")
+    rm_url: str | None = opt(None, "a reward server: each sample is POSTed as JSON {prompt, response, label, "
+                                   "metadata}, the reply is a number or {\"reward\": number}; retried with backoff "
+                                   "within --reward-timeout-s")
 
     def check(self) -> list[str]:
         problems = must("--reward-timeout-s", self.reward_timeout_s, self.reward_timeout_s > 0, "> 0")
@@ -275,6 +279,12 @@ class DataConfig(Section):
             problems.append(f"--rm-type {self.rm_type} and --custom-rm-path both name a reward; keep one")
         if self.rm_type == "custom" and not self.custom_rm_path:
             problems.append("--rm-type custom needs --custom-rm-path package.module.function")
+        if self.rm_url and self.rm_type != "remote":
+            problems.append(f"--rm-type {self.rm_type} and --rm-url both name a reward; keep one")
+        if self.rm_type == "remote" and not self.rm_url:
+            problems.append("--rm-type remote needs --rm-url http://host:port/path")
+        if self.rm_url and not self.rm_url.startswith(("http://", "https://")):
+            problems.append(f"--rm-url {self.rm_url}: must start with http:// or https://")
         return problems
 
 

@@ -57,13 +57,13 @@ class Trainer:
     def build_generator(self) -> RolloutGenerator:
         """The plain one-call rollout, or with --custom-generate-function-path / --max-turns the multi-turn one."""
         cfg, engine = self.cfg, self.parts.engine
-        scorer, seed = Scorer.of(cfg.data), rollout_seed(cfg)
+        tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
+        scorer, seed = Scorer.of(cfg.data, tokenizer), rollout_seed(cfg)
         fn = load_generate_function(cfg.rollout)
         if fn is None:
             return RolloutGenerator(engine, self.layout, scorer, seed)
         name = cfg.rollout.custom_generate_function_path or "the tool loop (--max-turns)"
-        return CustomGenerator(engine, self.layout, scorer, seed, fn, load_tokenizer(cfg.model.hf_checkpoint),
-                               self.acc.torch_device, name=name)
+        return CustomGenerator(engine, self.layout, scorer, seed, fn, tokenizer, self.acc.torch_device, name=name)
 
     def build_step(self, generator: RolloutGenerator) -> Step:
         p = self.parts
