@@ -20,6 +20,13 @@ class Sample:
     reward: float = 0.0  # what the advantages see: the rule's score plus shaping (e.g. overlong penalty)
     raw_reward: float = 0.0  # the rule's score alone
     metadata: dict = field(default_factory=dict)
+    # Multi-turn rollouts (rollout/turns.py): 1 on the tokens the model generated, 0 on tool/environment tokens;
+    # None: every response token is the model's and is trained on.
+    loss_mask: list[int] | None = None
+    given_reward: float | None = None  # the generation function's reward; None: the Scorer scores response_text
+    num_turns: int = 1  # engine calls that produced this response
+    num_tool_calls: int = 0
+    num_tool_failures: int = 0  # tool calls that raised, timed out or could not be parsed
 
     @property
     def num_tokens(self) -> int:
@@ -27,10 +34,14 @@ class Sample:
 
 
 def response_mask(samples: list[Sample], width: int) -> torch.Tensor:
-    """[len(samples), width]: 1.0 on each sample's response tokens, 0.0 on padding."""
+    """[len(samples), width]: 1.0 on each sample's trained response tokens (its `loss_mask`, else all of them), 0.0
+    on tool tokens and padding."""
     mask = torch.zeros(len(samples), width)
     for i, s in enumerate(samples):
-        mask[i, : len(s.response_ids)] = 1.0
+        if s.loss_mask is None:
+            mask[i, : len(s.response_ids)] = 1.0
+        else:
+            mask[i, : len(s.loss_mask)] = torch.tensor(s.loss_mask, dtype=torch.float32)
     return mask
 
 
@@ -54,7 +65,7 @@ class RolloutBatch:
         return torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
 
     def response_mask(self) -> torch.Tensor:
-        """[B, R] 1.0 on response tokens, 0.0 on padding."""
+        """[B, R] 1.0 on trained response tokens, 0.0 on tool tokens and padding."""
         return response_mask(self.samples, self.max_response_len)
 
     def rollout_logprobs(self) -> torch.Tensor:

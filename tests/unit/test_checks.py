@@ -95,7 +95,7 @@ def test_an_output_folder_on_a_read_only_filesystem_is_named(world_of_one, tiny_
 
 @pytest.mark.parametrize("flags,expected", [
     (["--rm-type", "nonsense"], "argument --rm-type: invalid choice: 'nonsense' (choose from 'math', 'dapo', "
-                                "'deepscaler', 'letter', 'custom')"),
+                                "'deepscaler', 'letter', 'custom', 'remote')"),
     (["--custom-rm-path", "no_such_module.reward"], "--custom-rm-path='no_such_module.reward': cannot import "
                                                     "'no_such_module'"),
     (["--custom-rm-path", "json.dumps"], "--custom-rm-path='json.dumps': the function takes"),

@@ -158,7 +158,7 @@ BAD = {
     "--over-sampling-batch-size": ("0", "--dynamic-sampling-filter-path", "check_reward_nonzero_std"),
     "--overlong-buffer-len": ("-1",), "--overlong-penalty-factor": ("-1",), "--vllm-kv-cache-bytes": ("0",),
     "--vllm-gpu-memory-utilization": ("0",), "--rollout-top-k": ("-2",), "--rollout-stop-token-ids": ("-1",),
-    "--rollout-seed": ("-1",),
+    "--rollout-seed": ("-1",), "--max-turns": ("0",), "--tool-timeout-s": ("0",),
     "--eps-clip": ("0",), "--eps-clip-high": ("0",), "--eps-clip-c": ("1",), "--tis-clip": ("0", "--use-tis"),
     "--tis-clip-low": ("-1", "--use-tis"), "--kl-loss-coef": ("-1",), "--kl-coef": ("-1",), "--entropy-coef": ("-1",),
     "--sgd-momentum": ("1",), "--lr": ("0",), "--weight-decay": ("-1",), "--adam-beta1": ("1",),

@@ -133,6 +133,17 @@ def check_reward(cfg: Config) -> None:
         check_arity(load_filter(path), ("rewards",), "--dynamic-sampling-filter-path", path)
 
 
+def check_generate(cfg: Config) -> None:
+    """The generation function (--custom-generate-function-path, or --max-turns' tool loop and its --tools) loads
+    and takes (record, sampling, tokenizer, client)."""
+    from ..rollout.turns import GENERATE_ARGS, load_generate_function
+
+    fn = load_generate_function(cfg.rollout)
+    path = cfg.rollout.custom_generate_function_path
+    if fn is not None and path is not None:
+        check_arity(fn, GENERATE_ARGS, "--custom-generate-function-path", path)
+
+
 def check_arity(fn, names: tuple[str, ...], flag: str, path: str) -> None:
     try:
         signature = inspect.signature(fn)

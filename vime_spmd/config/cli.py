@@ -98,7 +98,7 @@ def resolve(cfg: Config) -> Config:
     """The config every part reads: each default that depends on other flags worked out, Megatron-LM's names
     mapped onto ours. Values the user gave are kept, so that `check_config` still sees a contradiction."""
     d, t, o, g = cfg.data, cfg.train, cfg.optimizer, cfg.log
-    rm_type = d.rm_type or ("custom" if d.custom_rm_path else "math")
+    rm_type = d.rm_type or ("custom" if d.custom_rm_path else "remote" if d.rm_url else "math")
     logprob_budget = t.log_probs_max_tokens_per_gpu
     if logprob_budget is None and t.use_dynamic_batch_size:
         logprob_budget = _derived(t.max_tokens_per_gpu)

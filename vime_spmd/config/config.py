@@ -98,7 +98,9 @@ class Config:
                             "resume")
         rl_only = {"--use-kl-loss": a.use_kl_loss, "--kl-coef": a.kl_coef > 0, "--use-tis": a.use_tis,
                    "--dynamic-sampling-filter-path": r.dynamic_sampling_filter_path is not None,
-                   "--overlong-buffer-len": r.overlong_buffer_len > 0}
+                   "--overlong-buffer-len": r.overlong_buffer_len > 0,
+                   "--custom-generate-function-path": r.custom_generate_function_path is not None,
+                   "--max-turns": r.max_turns is not None}
         given = [flag for flag, on in rl_only.items() if on]
         if self.sft and given:
             problems.append(f"{', '.join(given)}: RL options; --loss-type sft trains on the records' responses (no "

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# The rule-based rewards (vime_spmd.rewards) and `custom`, the function of --custom-rm-path. One list: the flag's
-# choices and the rewards' dispatch.
-RM_TYPES = ("math", "dapo", "deepscaler", "letter", "custom")
+# The rule-based rewards (vime_spmd.rewards), `custom`, the function of --custom-rm-path, and `remote`, the server of
+# --rm-url. One list: the flag's choices and the rewards' dispatch.
+RM_TYPES = ("math", "dapo", "deepscaler", "letter", "custom", "remote")
 # The observe extra's install line, named wherever a dashboard package is missing.
 OBSERVE_EXTRA = "pip install 'vime-spmd[observe]'"
 EVAL_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -120,6 +120,17 @@ class RolloutConfig(Section):
                                                     "rollouts/{rollout_id}.pt (rank 0)")
     load_debug_rollout_data: str | None = opt(None, "train on rollouts written by --save-debug-rollout-data (the "
                                                     "same {rollout_id} path) instead of generating: no engine starts")
+    custom_generate_function_path: str | None = opt(
+        None, "multi-turn rollouts: async fn(record, sampling, tokenizer, client) -> Trajectory, as "
+              "package.module.function or path/to/file.py:function, called once per response; it calls the engine "
+              "through client.generate as often as it needs (README: Multi-turn and tools)")
+    max_turns: int | None = opt(None, "the built-in tool loop: at most this many model turns per response, tools "
+                                      "called from <tool_call> JSON between them (with --tools)")
+    tools: list[str] | None = opt(None, "the tool loop's tools: functions fn(**arguments) -> str, called by their "
+                                        "names, as package.module.function or path/to/file.py:function",
+                                  metavar="FN")
+    tool_timeout_s: float = opt(10.0, "a tool call slower than this returns an error observation (counted in "
+                                      "rollout/tool_failures)")
 
     def check(self) -> list[str]:
         """The ranges first; the rules between this section's flags only when those passed (no cascade)."""
@@ -131,6 +142,11 @@ class RolloutConfig(Section):
             if path is not None and "{rollout_id}" not in path:
                 problems.append(f"{flag} {path}: the path needs {{rollout_id}}, the step's number (one file per "
                                 "step), e.g. rollouts/{rollout_id}.pt")
+        if self.tools and self.max_turns is None:
+            problems.append("--tools needs --max-turns N (the tool loop); add it")
+        if self.max_turns is not None and self.custom_generate_function_path is not None:
+            problems.append("--max-turns selects the built-in tool loop and --custom-generate-function-path names "
+                            "another generation function; keep one")
         if not 0 <= self.overlong_buffer_len < self.rollout_max_response_len:
             problems.append(f"--overlong-buffer-len {self.overlong_buffer_len}: must be in [0, "
                             f"--rollout-max-response-len {self.rollout_max_response_len})")
@@ -161,6 +177,8 @@ class RolloutConfig(Section):
                 *([f"--rollout-stop-token-ids {ids}: token ids are >= 0"] if ids and min(ids) < 0 else []),
                 *(["--rollout-stop: an empty stop string would end every response at once; drop it"]
                   if self.rollout_stop and not all(self.rollout_stop) else []),
+                *at_least_one({"--max-turns": self.max_turns}),
+                *must("--tool-timeout-s", self.tool_timeout_s, self.tool_timeout_s > 0, "> 0"),
                 *must("--rollout-seed", self.rollout_seed, self.rollout_seed is None or self.rollout_seed >= 0,
                       ">= 0 (numpy's SeedSequence takes no negative seed)")]
 
@@ -256,10 +274,14 @@ class DataConfig(Section):
                                            "(a list of chat messages is always rendered with it)")
     skip_bad_records: bool = opt(False, "skip and count malformed records instead of stopping at the first")
     rm_type: str | None = opt(None, "rule-based reward: math (default), dapo, deepscaler, or letter (the demo "
-                                    "task); custom when --custom-rm-path is given", choices=list(RM_TYPES))
+                                    "task); custom when --custom-rm-path is given, remote with --rm-url",
+                                choices=list(RM_TYPES))
     custom_rm_path: str | None = opt(None, "a reward function fn(response, label, metadata) -> float (sync or "
                                            "async), as package.module.function or path/to/file.py:function")
     reward_timeout_s: float = opt(10.0, "a reward slower than this scores 0 and counts as a failure")
+    rm_url: str | None = opt(None, "a reward server: each sample is POSTed as JSON {prompt, response, label, "
+                                   "metadata}, the reply is a number or {\"reward\": number}; retried with backoff "
+                                   "within --reward-timeout-s")
 
     def check(self) -> list[str]:
         problems = must("--reward-timeout-s", self.reward_timeout_s, self.reward_timeout_s > 0, "> 0")
@@ -267,6 +289,12 @@ class DataConfig(Section):
             problems.append(f"--rm-type {self.rm_type} and --custom-rm-path both name a reward; keep one")
         if self.rm_type == "custom" and not self.custom_rm_path:
             problems.append("--rm-type custom needs --custom-rm-path package.module.function")
+        if self.rm_url and self.rm_type != "remote":
+            problems.append(f"--rm-type {self.rm_type} and --rm-url both name a reward; keep one")
+        if self.rm_type == "remote" and not self.rm_url:
+            problems.append("--rm-type remote needs --rm-url http://host:port/path")
+        if self.rm_url and not self.rm_url.startswith(("http://", "https://")):
+            problems.append(f"--rm-url {self.rm_url}: must start with http:// or https://")
         return problems
 
 

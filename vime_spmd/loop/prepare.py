@@ -27,6 +27,7 @@ def prepare(cfg: Config) -> tuple[PromptDataset, list[EvalSet]]:
     if cfg.checkpoint.load:
         checkpoint.check_loadable(cfg.checkpoint.load)
     checks.check_reward(cfg)
+    checks.check_generate(cfg)
     if cfg.checkpoint.save:
         checks.check_output_dir(cfg.checkpoint.save, "--save")
     if os.environ.get("RANK", "0") == "0":  # only rank 0 writes the logs

@@ -225,6 +225,9 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
         "rollout/reward_failures": float(batch.num_reward_failures),
         "rollout/dynamic_sampling_dropped_groups": float(batch.num_dropped_groups),
         "rollout/num_samples": float(len(batch)),
+        "rollout/turns_mean": statistics.fmean(s.num_turns for s in batch.samples),
+        "rollout/tool_calls_mean": statistics.fmean(s.num_tool_calls for s in batch.samples),
+        "rollout/tool_failures": float(sum(s.num_tool_failures for s in batch.samples)),
     }
 
 

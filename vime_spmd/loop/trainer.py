@@ -14,6 +14,7 @@ from ..data.prompts import PromptDataset
 from ..parallel import Layout
 from ..rollout.generate import RolloutGenerator, Scorer
 from ..rollout.sampling import rollout_seed
+from ..rollout.turns import CustomGenerator, load_generate_function
 from ..runtime.device import init_distributed, select_accelerator
 from ..runtime.signals import StopRequests
 from ..runtime.watchdog import Watchdog
@@ -48,10 +49,21 @@ class Trainer:
         if self.layout.rank == 0:
             dump(cfg, Path(cfg.log.log_dir) / "config.json")
         self.parts = build_colocated(cfg, self.acc, self.layout, dataset)
-        generator = RolloutGenerator(self.parts.engine, self.layout, Scorer.of(cfg.data), rollout_seed(cfg))
+        generator = self.build_generator()
         self.step = self.build_step(generator)
         self.evaluator = Evaluator(cfg, generator, list(eval_sets)) if eval_sets else None
         self.start_step = self.last_saved = self.parts.start_step
+
+    def build_generator(self) -> RolloutGenerator:
+        """The plain one-call rollout, or with --custom-generate-function-path / --max-turns the multi-turn one."""
+        cfg, engine = self.cfg, self.parts.engine
+        tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
+        scorer, seed = Scorer.of(cfg.data, tokenizer), rollout_seed(cfg)
+        fn = load_generate_function(cfg.rollout)
+        if fn is None:
+            return RolloutGenerator(engine, self.layout, scorer, seed)
+        name = cfg.rollout.custom_generate_function_path or "the tool loop (--max-turns)"
+        return CustomGenerator(engine, self.layout, scorer, seed, fn, tokenizer, self.acc.torch_device, name=name)
 
     def build_step(self, generator: RolloutGenerator) -> Step:
         p = self.parts

@@ -6,6 +6,7 @@
     deepscaler  1.0 / 0.0, \\boxed{} after </think> (rewards.deepscaler)
     letter      share of the asked letter, the CPU demo task (rewards.letter)
     custom      the function named by --custom-rm-path (rewards.custom)
+    remote      the server at --rm-url (rewards.remote)
 
 ``score_batch`` is what the rollout uses: it puts every reward under a
 deadline and turns a reward that raises, times out or returns a non-finite
@@ -34,6 +35,7 @@ from vime_spmd.rewards.custom import (
     is_async_reward,
     load_custom_reward,
 )
+from vime_spmd.rewards.remote import score_remote
 
 # Modules, not functions, so tests can monkeypatch ``<module>.score``.
 _BUILTIN_REWARDS: dict[str, ModuleType] = {
@@ -60,6 +62,8 @@ def score_batch(
     metadata: Sequence[dict] | None = None,
     custom_fn: RewardFn | None = None,
     timeout_s: float = 10.0,
+    url: str | None = None,
+    prompts: Sequence[str] | None = None,
 ) -> tuple[list[float], int]:
     """Rewards for a batch and the number of failures.
 
@@ -71,6 +75,8 @@ def score_batch(
     stop a thread, so a runaway sympy call keeps a core busy until it ends).
     Async custom rewards run concurrently and are cancelled at the deadline.
     ``metadata`` (one dict per sample) is passed to custom rewards only.
+    Under "remote", each sample's ``prompts`` entry, response, label and
+    metadata are POSTed to ``url``, many at once.
     """
     _check_rm_type(rm_type, custom_fn)
     num_samples = len(responses)
@@ -82,7 +88,12 @@ def score_batch(
     if timeout_s <= 0:
         raise ValueError(f"reward timeout must be > 0 seconds, got {timeout_s}")
 
-    if rm_type == "custom":
+    if rm_type == "remote":
+        if not url:
+            raise ValueError("--rm-type=remote needs a server: set --rm-url http://host:port/path.")
+        rewards = score_remote(url, prompts or [""] * num_samples, responses, labels,
+                               metadata or [{}] * num_samples, timeout_s)
+    elif rm_type == "custom":
         assert custom_fn is not None
         per_sample = [{} if metadata is None else metadata[i] for i in range(num_samples)]
         arguments = list(zip(responses, labels, per_sample))

@@ -26,6 +26,7 @@ from ..config import RolloutConfig
 from ..parallel import Layout
 from ..runtime.device import Accelerator
 from ..sync.weights import EngineTensor, Write, apply_write
+from .trajectory import Completion, Request
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,22 @@ class RolloutEngine:
                                       rollout_logprobs=token_logprobs, label=label, response_text=c.text,
                                       truncated=c.finish_reason == "length"))
         return samples
+
+    def complete(self, requests: list[Request]) -> list[Completion]:
+        """One turn of many trajectories in one engine call (rollout/turns.py): each request its own context, seed
+        and sampling (n=1). An engine with no requests calls it with none: data-parallel engines step together."""
+        from vllm import SamplingParams
+
+        params = [SamplingParams(**r.sampling, seed=r.seed) for r in requests]
+        with _guard_process_state():
+            outputs = self.llm.generate([{"prompt_token_ids": r.token_ids} for r in requests], params, use_tqdm=False)
+        completions = []
+        for out in outputs:
+            c = out.outputs[0]
+            logprobs = ([step[token].logprob for token, step in zip(c.token_ids, c.logprobs)] if c.logprobs
+                        else [0.0] * len(c.token_ids))
+            completions.append(Completion(list(c.token_ids), logprobs, c.finish_reason))
+        return completions
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the engine's weights in place with full HF-named tensors. A call must hold every tensor of each

@@ -23,25 +23,34 @@ from .sampling import request_seeds
 
 @dataclass
 class Scorer:
-    """The run's reward (`--rm-type`, or `--custom-rm-path`, under `--reward-timeout-s`), loaded once."""
+    """The run's reward (`--rm-type`, `--custom-rm-path` or `--rm-url`, under `--reward-timeout-s`), loaded once."""
 
     rm_type: str
     timeout_s: float
     custom_fn: object = None
+    url: str | None = None
+    tokenizer: object = None  # decodes the prompts sent to --rm-url
 
     @classmethod
-    def of(cls, data) -> Scorer:
-        """From the data section of the config."""
+    def of(cls, data, tokenizer=None) -> Scorer:
+        """From the data section of the config (and, for --rm-url, the policy's tokenizer)."""
         custom = load_custom_reward(data.custom_rm_path) if data.custom_rm_path else None
-        return cls(data.rm_type, data.reward_timeout_s, custom)
+        return cls(data.rm_type, data.reward_timeout_s, custom, data.rm_url, tokenizer)
 
     def score(self, samples: list[Sample]) -> int:
-        """Set each sample's `raw_reward`; returns how many rewards failed (they score 0)."""
-        scores, failures = score_batch([s.response_text for s in samples], [s.label for s in samples], self.rm_type,
-                                       metadata=[s.metadata for s in samples], custom_fn=self.custom_fn,
-                                       timeout_s=self.timeout_s)
-        for sample, score in zip(samples, scores):
+        """Set each sample's `raw_reward` (its `given_reward` when it has one); returns how many rewards failed (they
+        score 0)."""
+        todo = [s for s in samples if s.given_reward is None]
+        prompts = ([self.tokenizer.decode(s.prompt_ids) for s in todo]
+                   if self.url and self.tokenizer is not None else None)
+        scores, failures = score_batch([s.response_text for s in todo], [s.label for s in todo], self.rm_type,
+                                       metadata=[s.metadata for s in todo], custom_fn=self.custom_fn,
+                                       timeout_s=self.timeout_s, url=self.url, prompts=prompts)
+        for sample, score in zip(todo, scores):
             sample.raw_reward = score
+        for sample in samples:
+            if sample.given_reward is not None:
+                sample.raw_reward = sample.given_reward
         return failures
 
 

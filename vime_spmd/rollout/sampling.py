@@ -27,6 +27,14 @@ def request_seeds(rollout_seed: int, stream: int, indices: Iterable[int]) -> lis
             for index in indices]
 
 
+def turn_seed(trajectory_seed: int, turn: int) -> int:
+    """The seed of a multi-turn trajectory's `turn`-th engine call (rollout/turns.py): the trajectory's own seed for
+    the first, so that a one-turn custom function samples what the plain rollout would."""
+    if turn == 0:
+        return trajectory_seed
+    return int(np.random.SeedSequence([trajectory_seed, turn]).generate_state(1)[0] >> 1)
+
+
 def rollout_seed(cfg: Config) -> int:
     return cfg.train.seed if cfg.rollout.rollout_seed is None else cfg.rollout.rollout_seed
 
